@@ -1,0 +1,29 @@
+"""peft-alps: ALPS (Attention Localization and Pruning Strategy) as a Hugging Face PEFT method.
+
+Importing this package adds ``PeftType.ALPS`` to PEFT and registers :class:`AlpsConfig` /
+:class:`AlpsModel`, after which ``get_peft_model``, ``PeftModel.from_pretrained`` and friends accept ALPS
+adapters exactly as they accept LoRA ones.
+"""
+
+from .config import AlpsConfig
+from .layer import AlpsLayer, Linear
+from .layouts import HeadDims, HeadLayout, Projection, get_layout, register_layout, supported_model_types
+from .model import AlpsModel
+from .registration import register_alps
+
+register_alps(AlpsConfig, AlpsModel)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AlpsConfig",
+    "AlpsLayer",
+    "AlpsModel",
+    "HeadDims",
+    "HeadLayout",
+    "Linear",
+    "Projection",
+    "get_layout",
+    "register_layout",
+    "supported_model_types",
+]

@@ -1,0 +1,142 @@
+"""``AlpsConfig``: which attention heads to train, in PEFT's config format."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from peft.config import PeftConfig
+
+from .registration import ensure_peft_type
+
+TargetHeads = Union[Mapping[int, Iterable[int]], Iterable[tuple[int, int]]]
+
+
+def normalize_target_heads(target_heads: Any) -> dict[int, list[int]]:
+    """``{layer: [heads]}`` or ``[(layer, head), ...]`` -> ``{layer: sorted unique heads}`` with int keys.
+
+    JSON turns int keys into strings, so string keys that spell an integer are accepted. Negative, non-integer,
+    duplicated and empty selections are rejected with a ``ValueError`` that names the bad value.
+    """
+    if target_heads is None:
+        raise ValueError(
+            "AlpsConfig needs heads to train: pass target_heads={layer: [head, ...]} or a list of (layer, head) "
+            "pairs, or head_scores='heads.json' with ratio=... (see peft_alps.localize_heads)"
+        )
+    pairs: list[tuple[Any, Any]] = []
+    if isinstance(target_heads, Mapping):
+        for layer, heads in target_heads.items():
+            if isinstance(heads, (str, bytes)) or not isinstance(heads, Iterable):
+                raise ValueError(f"target_heads[{layer!r}] must be a list of head indices, got {heads!r}")
+            heads = list(heads)
+            if not heads:
+                raise ValueError(
+                    f"target_heads[{layer!r}] is empty: list at least one head for layer {layer!r} or drop the layer"
+                )
+            pairs.extend((layer, h) for h in heads)
+    elif isinstance(target_heads, Iterable) and not isinstance(target_heads, (str, bytes)):
+        for pair in target_heads:
+            if isinstance(pair, (str, bytes)) or not isinstance(pair, Iterable) or len(pair := tuple(pair)) != 2:
+                raise ValueError(f"target_heads entries must be (layer, head) pairs, got {pair!r}")
+            pairs.append(pair)
+    else:
+        raise ValueError(
+            f"target_heads must be {{layer: [heads]}} or a list of (layer, head) pairs, got {type(target_heads).__name__}"
+        )
+    if not pairs:
+        raise ValueError("target_heads is empty: select at least one (layer, head)")
+
+    result: dict[int, set[int]] = {}
+    seen: set[tuple[int, int]] = set()
+    for layer, head in pairs:
+        layer_i, head_i = _as_index(layer, "layer"), _as_index(head, "head")
+        if (layer_i, head_i) in seen:
+            raise ValueError(f"head {head_i} of layer {layer_i} is selected twice in target_heads; list it once")
+        seen.add((layer_i, head_i))
+        result.setdefault(layer_i, set()).add(head_i)
+    return {layer: sorted(heads) for layer, heads in sorted(result.items())}
+
+
+def _as_index(value: Any, what: str) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{what} index must be an integer, got {value!r}")
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:
+            raise ValueError(f"{what} index must be an integer, got {value!r}") from None
+    if hasattr(value, "__index__"):
+        value = value.__index__()
+    if not isinstance(value, int):
+        raise ValueError(f"{what} index must be an integer, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{what} index {value} is negative: indices start at 0")
+    return value
+
+
+@dataclass
+class AlpsConfig(PeftConfig):
+    """Configuration of an ALPS adapter: head-sliced trainable deltas on the selected attention heads.
+
+    Args:
+        target_heads (`dict[int, list[int]]` or `list[tuple[int, int]]`):
+            The heads to train, as ``{layer: [query-head indices]}`` or ``[(layer, head), ...]``. Head indices are
+            query-head indices; with grouped-query attention a head trains the k/v rows of its KV group
+            ``h // (num_heads // num_kv_heads)``.
+        target_modules (`list[str]` or `str`, *optional*):
+            Attention projections to adapt. Defaults to the model family's q, k, v and o projections (from the
+            head-layout registry). Narrow it, e.g. to ``["q_proj", "k_proj", "v_proj"]`` as in the paper. Only
+            attention projections known to the layout registry may be targeted.
+        exclude_modules (`list[str]` or `str`, *optional*):
+            Module names to leave alone, as in LoRA.
+        init_weights (`bool`):
+            Start the deltas at zero (default), so that the adapted model equals the base model. ``False`` draws
+            small random deltas; this is for tests only.
+        modules_to_save (`list[str]`, *optional*):
+            Extra modules to train fully and save, e.g. a classification head.
+        head_layout (`dict`, *optional*):
+            Filled in by PEFT when the adapter is created: the model type and attention geometry the adapter was
+            built for. An adapter is refused on a base whose geometry differs.
+    """
+
+    target_heads: Optional[Any] = field(
+        default=None,
+        metadata={"help": "Heads to train: {layer: [query-head indices]} or a list of (layer, head) pairs."},
+    )
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None,
+        metadata={"help": "Attention projections to adapt; defaults to the family's q/k/v/o projections."},
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex of modules to exclude."}
+    )
+    init_weights: bool = field(
+        default=True, metadata={"help": "Zero-initialise the deltas (identity at init). False is for tests only."}
+    )
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules apart from the ALPS layers to train and save."}
+    )
+    head_layout: Optional[dict] = field(
+        default=None,
+        metadata={"help": "Model type and attention geometry the adapter was built for (filled in automatically)."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.peft_type = ensure_peft_type()
+        self.target_heads = normalize_target_heads(self.target_heads)
+        if isinstance(self.target_modules, (list, tuple)):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, (list, tuple)):
+            self.exclude_modules = set(self.exclude_modules)
+
+    @property
+    def num_selected_heads(self) -> int:
+        return sum(len(heads) for heads in self.target_heads.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        # JSON keys are strings; keep them as decimal layer indices so that a reload gives the same ints back.
+        out["target_heads"] = {str(layer): list(heads) for layer, heads in self.target_heads.items()}
+        return out

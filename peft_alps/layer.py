@@ -1,0 +1,196 @@
+"""ALPS tuner layer: a frozen projection plus trainable deltas on the selected heads' slices only.
+
+A projection's heads are either output rows (q, k, v and fused qkv) or input columns (o). For each adapter
+the layer stores
+
+* ``alps_delta[name]``: ``[len(index), in_features]`` for row slices, ``[out_features, len(index)]`` for
+  column slices, in ``[out, in]`` orientation whatever the base layer's storage;
+* ``alps_bias[name]``: ``[len(index)]``, only for row slices of a base layer that has a bias;
+* ``alps_index[name]``: the row/column indices (a non-persistent buffer; it is rebuilt from the config's
+  ``target_heads`` and never saved).
+
+The forward pass never materialises a full-size delta: row slices add ``x @ delta.T`` into the selected output
+columns with ``index_add``; column slices gather the selected input features with ``index_select`` first.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Literal, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
+from peft.utils import quantization_extra_repr, resolve_quantization_backend
+from torch import nn
+
+Axis = Literal["out", "in"]
+
+
+class AlpsLayer(BaseTunerLayer):
+    adapter_layer_names = ("alps_delta", "alps_bias")
+    other_param_names = ("alps_index",)
+
+    def __init__(self, base_layer: nn.Module, axis: Axis, transposed: bool = False, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.axis = axis
+        self.transposed = transposed
+        self.alps_delta = nn.ParameterDict({})
+        self.alps_bias = nn.ParameterDict({})
+        self.alps_index = BufferDict({}, persistent=False)
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.quantization_backend = resolve_quantization_backend(
+            self.get_base_layer(), get_apply_tensor_subclass=kwargs.get("get_apply_tensor_subclass")
+        )
+        in_features, out_features = _get_in_out_features(self.get_base_layer())
+        if None in (in_features, out_features):
+            raise TypeError(f"ALPS cannot wrap {type(self.get_base_layer()).__name__}: it has no linear weight")
+        self.in_features, self.out_features = in_features, out_features
+        self.kwargs = kwargs
+
+    @property
+    def _base_has_bias(self) -> bool:
+        return getattr(self.get_base_layer(), "bias", None) is not None
+
+    def update_layer(
+        self,
+        adapter_name: str,
+        index: list[int],
+        init_weights: bool = True,
+        inference_mode: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Create the delta of ``adapter_name`` covering ``index`` (rows or columns, depending on ``self.axis``)."""
+        limit = self.out_features if self.axis == "out" else self.in_features
+        if not index or min(index) < 0 or max(index) >= limit:
+            raise ValueError(
+                f"head slice {index[:1]}..{index[-1:]} does not fit this layer's {limit} "
+                f"{'output rows' if self.axis == 'out' else 'input columns'}"
+            )
+        n = len(index)
+        shape = (n, self.in_features) if self.axis == "out" else (self.out_features, n)
+        self.alps_index[adapter_name] = torch.tensor(index, dtype=torch.long)
+        self.alps_delta[adapter_name] = nn.Parameter(torch.zeros(shape))
+        if self.axis == "out" and self._base_has_bias:
+            self.alps_bias[adapter_name] = nn.Parameter(torch.zeros(n))
+        if not init_weights:
+            self._random_init(adapter_name)
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    @torch.no_grad()
+    def _random_init(self, adapter_name: str) -> None:
+        # Small non-zero deltas, used by tests to exercise merge/unmerge without training.
+        generator = torch.Generator().manual_seed(0)
+        for params in (self.alps_delta, self.alps_bias):
+            if adapter_name in params:
+                p = params[adapter_name]
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+
+    # ----------------------------------------------------------------------------------- merge / unmerge
+
+    def _stored_index(self, axis: Axis) -> int:
+        """Dimension of the stored weight tensor that ``axis`` refers to."""
+        dim = 0 if axis == "out" else 1
+        return 1 - dim if self.transposed else dim
+
+    @torch.no_grad()
+    def _apply_to_base(self, adapter_name: str, sign: int, safe_merge: bool = False) -> None:
+        index = self.alps_index[adapter_name]
+        weight = self.get_base_weight()
+        if safe_merge or self.quantization_backend is not None:
+            weight = weight.clone()
+        delta = self.alps_delta[adapter_name].to(weight.dtype)
+        if self.transposed:
+            delta = delta.T
+        weight.index_add_(self._stored_index(self.axis), index.to(weight.device), delta, alpha=sign)
+        if safe_merge and not torch.isfinite(weight).all():
+            raise ValueError(f"NaNs or infs in the merged weights: the adapter {adapter_name!r} seems to be broken")
+        self.set_base_weight(weight)
+        if adapter_name in self.alps_bias:
+            bias = self.get_base_layer().bias
+            bias.data.index_add_(0, index.to(bias.device), self.alps_bias[adapter_name].to(bias.dtype), alpha=sign)
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        for name in adapter_names:
+            if name in self.alps_delta:
+                self._apply_to_base(name, +1, safe_merge=safe_merge)
+                self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.")
+            return
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            if name in self.alps_delta:
+                self._apply_to_base(name, -1)
+
+    def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The full ``[out, in]`` delta of one adapter, for inspection and export (never used in forward)."""
+        delta = self.alps_delta[adapter_name]
+        full = delta.new_zeros(self.out_features, self.in_features)
+        dim = 0 if self.axis == "out" else 1
+        return full.index_add(dim, self.alps_index[adapter_name].to(delta.device), delta)
+
+    def get_delta_bias(self, adapter_name: str) -> Optional[torch.Tensor]:
+        if adapter_name not in self.alps_bias:
+            return None
+        bias = self.alps_bias[adapter_name]
+        return bias.new_zeros(self.out_features).index_add(0, self.alps_index[adapter_name].to(bias.device), bias)
+
+    # --------------------------------------------------------------------------------------------- forward
+
+    def _add_delta(self, result: torch.Tensor, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        delta = self.alps_delta[adapter_name]
+        index = self.alps_index[adapter_name]
+        x = self._cast_input_dtype(x, delta.dtype)
+        if self.axis == "out":
+            update = F.linear(x, delta, self.alps_bias[adapter_name] if adapter_name in self.alps_bias else None)
+            return result.index_add(-1, index, update.to(result.dtype))
+        update = F.linear(x.index_select(-1, index), delta)
+        return result + update.to(result.dtype)
+
+
+class Linear(nn.Module, AlpsLayer):
+    """ALPS around an ``nn.Linear`` (or ``Conv1D`` with ``transposed=True``, or a quantized linear)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        index: list[int],
+        axis: Axis,
+        transposed: bool = False,
+        init_weights: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        AlpsLayer.__init__(self, base_layer, axis=axis, transposed=transposed, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, index, init_weights=init_weights)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        for name in self.active_adapters:
+            if name in self.alps_delta:
+                result = self._add_delta(result, x, name)
+        return result
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return True
+
+    def __repr__(self) -> str:
+        return "alps." + super().__repr__()
+
+    def extra_repr(self) -> str:
+        return quantization_extra_repr(self)

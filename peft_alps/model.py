@@ -1,0 +1,171 @@
+"""``AlpsModel``: injects head-sliced ALPS layers into the attention projections of a transformers model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
+from peft.utils import get_quantization_kwargs
+from torch import nn
+
+from .config import AlpsConfig
+from .layer import AlpsLayer, Linear
+from .layouts import HeadDims, HeadLayout, head_slice, layout_for_config
+from .registration import PREFIX
+
+
+def _model_config(model: nn.Module) -> Any:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "model_type"):
+        raise ValueError(
+            f"ALPS needs a transformers model with a config.model_type to find its attention heads; got a "
+            f"{type(model).__name__}. For a custom model, give it a config and register its head layout with "
+            "peft_alps.register_layout(...)."
+        )
+    return config
+
+
+def validate_target_heads(target_heads: dict[int, list[int]], dims: HeadDims) -> None:
+    """Raise a ``ValueError`` naming the first layer or head that does not exist in a model of ``dims``."""
+    for layer, heads in target_heads.items():
+        if layer >= dims.num_layers:
+            raise ValueError(
+                f"layer {layer} out of range: the model has {dims.num_layers} layers (0..{dims.num_layers - 1})"
+            )
+        for head in heads:
+            if head >= dims.num_heads:
+                raise ValueError(
+                    f"head {head} out of range: layer {layer} has {dims.num_heads} query heads "
+                    f"(0..{dims.num_heads - 1})"
+                )
+
+
+def head_layout_record(config: Any, dims: HeadDims) -> dict[str, Any]:
+    return {"model_type": config.get_text_config().model_type, **dims.as_dict()}
+
+
+def check_head_layout(recorded: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """Refuse an adapter built for another attention geometry than the base it is being put on."""
+    if not recorded:
+        return
+    diffs = [
+        f"{key}: adapter {recorded[key]!r} vs base {current.get(key)!r}"
+        for key in ("num_layers", "num_heads", "num_kv_heads", "head_dim")
+        if key in recorded and recorded[key] != current.get(key)
+    ]
+    if diffs:
+        raise ValueError(
+            f"this ALPS adapter was built for a {recorded.get('model_type')} model with a different head layout "
+            f"({'; '.join(diffs)}). Load it onto the base model it was trained from."
+        )
+
+
+class AlpsModel(BaseTuner):
+    """Creates an ALPS model: only the selected attention heads' slices of q/k/v/o are trainable.
+
+    Example:
+
+        ```py
+        >>> import peft_alps
+        >>> from peft import get_peft_model
+        >>> model = get_peft_model(base_model, peft_alps.AlpsConfig(target_heads={0: [1, 5], 2: [0]}))
+        >>> model.print_trainable_parameters()
+        ```
+    """
+
+    prefix: str = PREFIX
+    tuner_layer_cls = AlpsLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    # ------------------------------------------------------------------------------------ preparation
+
+    def _layout(self) -> tuple[HeadLayout, HeadDims]:
+        return layout_for_config(_model_config(self.model))
+
+    def _prepare_adapter_config(self, peft_config: AlpsConfig, model_config: dict) -> AlpsConfig:
+        layout, _ = self._layout()
+        if peft_config.target_modules is None:
+            peft_config.target_modules = set(layout.default_target_modules)
+        return peft_config
+
+    def _prepare_model(self, peft_config: AlpsConfig, model: nn.Module) -> None:
+        """Validate everything before the first module is replaced, so a bad config leaves the model untouched."""
+        config = _model_config(model)
+        layout, dims = layout_for_config(config)
+        record = head_layout_record(config, dims)
+        check_head_layout(peft_config.head_layout, record)
+        validate_target_heads(peft_config.target_heads, dims)
+
+        matched = []
+        for key, module in model.named_modules():
+            if isinstance(module, BaseTunerLayer) and not isinstance(module, AlpsLayer):
+                continue  # another tuner's wrapper: its base layer is reached through its own name
+            if ".base_layer" in key or not key:
+                continue
+            hit = check_target_module_exists(peft_config, key)
+            if not hit or isinstance(hit, _ExcludedModule):
+                continue
+            if layout.match(key) is None:
+                raise ValueError(
+                    f"module {key!r} is not an attention projection: ALPS can only target "
+                    f"{layout.default_target_modules} in {record['model_type']} models. "
+                    f"Check target_modules={sorted(peft_config.target_modules)}."
+                )
+            matched.append(key)
+        if not matched:
+            raise ValueError(
+                f"target_modules={sorted(peft_config.target_modules) if not isinstance(peft_config.target_modules, str) else peft_config.target_modules!r} "
+                f"matched no attention projection; valid ones are {layout.default_target_modules}"
+            )
+        peft_config.head_layout = record
+
+    def _check_target_module_exists(self, peft_config: AlpsConfig, key: str):
+        hit = check_target_module_exists(peft_config, key)
+        if not hit or isinstance(hit, _ExcludedModule):
+            return hit
+        layout, _ = self._layout()
+        found = layout.match(key)
+        # Layers without selected heads are left alone: no wrapper, no autograd work.
+        return found is not None and found[0] in peft_config.target_heads
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Delete an adapter. Unlike LoRA's adapters, ALPS adapters usually cover different layers, so the new
+        active adapter is chosen model-wide (the remaining active ones, else the first remaining by name) rather
+        than from whichever wrapped layer PEFT visits first."""
+        remaining_active = [name for name in self.active_adapters if name != adapter_name]
+        super().delete_adapter(adapter_name)
+        new_active = remaining_active or sorted(self.peft_config)[:1]
+        if new_active:
+            self.set_adapter(new_active)
+
+    # ------------------------------------------------------------------------------------ injection
+
+    def _create_and_replace(
+        self,
+        peft_config: AlpsConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **optional_kwargs: Any,
+    ) -> None:
+        layout, dims = self._layout()
+        layer_idx, projection = layout.match(current_key)
+        axis, index = head_slice(projection.role, dims, peft_config.target_heads[layer_idx])
+        kwargs = {
+            "index": index,
+            "axis": axis,
+            "transposed": projection.transposed,
+            "init_weights": peft_config.init_weights,
+            **get_quantization_kwargs(self.model),
+        }
+        if isinstance(target, AlpsLayer):
+            if target.axis != axis or target.transposed != projection.transposed:
+                raise ValueError(f"{current_key}: inconsistent ALPS layout between adapters")
+            target.update_layer(adapter_name, index, init_weights=peft_config.init_weights)
+            return
+        new_module = Linear(target, adapter_name, **kwargs)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
