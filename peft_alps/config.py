@@ -131,6 +131,19 @@ class AlpsConfig(PeftConfig):
         if isinstance(self.exclude_modules, (list, tuple)):
             self.exclude_modules = set(self.exclude_modules)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """PEFT's loader, plus a note of where the config came from: when the adapter is injected, the weights
+        file next to it is checked (safetensors only, complete, right shapes, finite) before any module is
+        replaced; see :mod:`peft_alps.safe_loading`."""
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        if isinstance(config, AlpsConfig):
+            from .safe_loading import AdapterSource
+
+            hub_kwargs, _, _ = cls._split_kwargs(kwargs)
+            config._weights_source = AdapterSource(str(pretrained_model_name_or_path), subfolder, dict(hub_kwargs))
+        return config
+
     @property
     def num_selected_heads(self) -> int:
         return sum(len(heads) for heads in self.target_heads.values())

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer, _ExcludedModule, check_target_module_exists
+from peft.tuners.tuners_utils import (
+    BaseTuner,
+    BaseTunerLayer,
+    _ExcludedModule,
+    _get_in_out_features,
+    check_target_module_exists,
+)
 from peft.utils import get_quantization_kwargs
 from torch import nn
 
@@ -12,6 +18,7 @@ from .config import AlpsConfig
 from .layer import AlpsLayer, Linear
 from .layouts import HeadDims, HeadLayout, head_slice, layout_for_config
 from .registration import PREFIX
+from .safe_loading import check_adapter_file, expected_tensors, resolve_weights_file
 
 
 def _model_config(model: nn.Module) -> Any:
@@ -111,13 +118,39 @@ class AlpsModel(BaseTuner):
                     f"{layout.default_target_modules} in {record['model_type']} models. "
                     f"Check target_modules={sorted(peft_config.target_modules)}."
                 )
-            matched.append(key)
+            matched.append((key, module))
         if not matched:
             raise ValueError(
                 f"target_modules={sorted(peft_config.target_modules) if not isinstance(peft_config.target_modules, str) else peft_config.target_modules!r} "
                 f"matched no attention projection; valid ones are {layout.default_target_modules}"
             )
         peft_config.head_layout = record
+        self._check_saved_weights(peft_config, layout, dims, matched)
+
+    @staticmethod
+    def _check_saved_weights(peft_config: AlpsConfig, layout: HeadLayout, dims: HeadDims, matched: list) -> None:
+        """For a config read from a saved adapter, check its weights file before anything is injected."""
+        source = getattr(peft_config, "_weights_source", None)
+        if source is None:
+            return
+        expected = []
+        for key, module in matched:
+            layer_idx, projection = layout.match(key)
+            if layer_idx not in peft_config.target_heads:
+                continue
+            base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+            weight = getattr(base, "weight", None)
+            if weight is not None and weight.is_meta and not hasattr(base, "_hf_hook"):
+                raise ValueError(
+                    f"the base weights of {key!r} are on the meta device (an empty model), so the saved ALPS "
+                    "weights would be silently dropped. Load the base model with its real weights first, e.g. "
+                    "AutoModelForCausalLM.from_pretrained(...) without init_empty_weights / device='meta'."
+                )
+            in_features, out_features = _get_in_out_features(base)
+            axis, index = head_slice(projection.role, dims, peft_config.target_heads[layer_idx])
+            has_bias = getattr(base, "bias", None) is not None
+            expected.append((key, in_features, out_features, axis, len(index), has_bias))
+        check_adapter_file(resolve_weights_file(source), expected_tensors(expected))
 
     def _check_target_module_exists(self, peft_config: AlpsConfig, key: str):
         hit = check_target_module_exists(peft_config, key)
