@@ -100,6 +100,11 @@ class AlpsLayer(BaseTunerLayer):
     def _apply_to_base(self, adapter_name: str, sign: int, safe_merge: bool = False) -> None:
         index = self.alps_index[adapter_name]
         weight = self.get_base_weight()
+        if weight.is_meta:
+            raise ValueError(
+                f"cannot {'merge' if sign > 0 else 'unmerge'} ALPS adapter {adapter_name!r}: the base weight is on "
+                "the meta device (an empty model). Load the real base weights first."
+            )
         if safe_merge or self.quantization_backend is not None:
             weight = weight.clone()
         delta = self.alps_delta[adapter_name].to(weight.dtype)
