@@ -118,6 +118,24 @@ class AlpsLayer(BaseTunerLayer):
             bias = self.get_base_layer().bias
             bias.data.index_add_(0, index.to(bias.device), self.alps_bias[adapter_name].to(bias.dtype), alpha=sign)
 
+    @torch.no_grad()
+    def merged_slice_is_finite(self, adapter_name: str) -> bool:
+        """Whether merging ``adapter_name`` would leave only finite values, computed on the slice alone."""
+        if adapter_name not in self.alps_delta:
+            return True
+        index = self.alps_index[adapter_name]
+        weight = self.get_base_weight()
+        dim = self._stored_index(self.axis)
+        delta = self.alps_delta[adapter_name].to(weight.dtype)
+        merged = weight.index_select(dim, index.to(weight.device)) + (delta.T if self.transposed else delta)
+        if not torch.isfinite(merged).all():
+            return False
+        if adapter_name in self.alps_bias:
+            bias = self.get_base_layer().bias
+            merged_bias = bias.index_select(0, index.to(bias.device)) + self.alps_bias[adapter_name].to(bias.dtype)
+            return bool(torch.isfinite(merged_bias).all())
+        return True
+
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
         adapter_names = check_adapters_to_merge(self, adapter_names)
         for name in adapter_names:

@@ -171,6 +171,39 @@ class AlpsModel(BaseTuner):
         if new_active:
             self.set_adapter(new_active)
 
+    # ------------------------------------------------------------------------------------ merging
+
+    def _check_safe_merge(self, adapter_names: list[str] | None) -> None:
+        """With ``safe_merge=True``, check every layer before the first one is merged, so that a broken adapter
+        leaves the model as it was instead of half merged."""
+        names = self.active_adapters if adapter_names is None else adapter_names
+        for key, module in self.model.named_modules():
+            if isinstance(module, AlpsLayer):
+                for name in names:
+                    if name not in module.merged_adapters and not module.merged_slice_is_finite(name):
+                        raise ValueError(
+                            f"NaNs or infs in the merged weights of {key!r}: the adapter {name!r} seems to be broken "
+                            "(diverged training or a damaged file). Nothing was merged."
+                        )
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        if safe_merge:
+            self._check_safe_merge(adapter_names)
+        super().merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def _unload_and_optionally_merge(
+        self,
+        merge: bool = True,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+    ):
+        if merge and safe_merge:
+            self._check_safe_merge(adapter_names)
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
     # ------------------------------------------------------------------------------------ injection
 
     def _create_and_replace(
