@@ -1,0 +1,305 @@
+"""Bad inputs fail early, with a specific exception and a message that names the value and the fix (issue 8).
+
+Each table row is one bad input. Rows that act on a model also check that the model is left exactly as it was
+(same state dict, same module types): the error must come before the first module is replaced.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
+
+import peft_alps
+from peft_alps import AlpsConfig
+from tests.tiny_models import llama_config, tiny_llama
+
+HEADS = {0: [1, 5], 2: [0]}  # on tiny_llama(): 3 layers, 8 query heads, 2 KV heads, head_dim 8, hidden 64
+WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass
+class Case:
+    id: str
+    action: Callable
+    exc: type[BaseException]
+    match: str
+
+    def param(self):
+        return pytest.param(self, id=self.id)
+
+
+# ----------------------------------------------------------------------------- config time (no model needed)
+
+CONFIG_CASES = [
+    Case("negative-head", lambda: AlpsConfig(target_heads={0: [-1]}), ValueError, r"head index -1 is negative"),
+    Case("negative-layer", lambda: AlpsConfig(target_heads={-3: [0]}), ValueError, r"layer index -3 is negative"),
+    Case("duplicate-pair", lambda: AlpsConfig(target_heads=[(1, 2), (0, 0), (1, 2)]), ValueError,
+         r"head 2 of layer 1 is selected twice in target_heads; list it once"),
+    Case("duplicate-in-list", lambda: AlpsConfig(target_heads={0: [3, 3]}), ValueError,
+         r"head 3 of layer 0 is selected twice"),
+    Case("duplicate-via-string-key", lambda: AlpsConfig(target_heads={0: [1], "0": [1]}), ValueError,
+         r"head 1 of layer 0 is selected twice"),
+    Case("empty-dict", lambda: AlpsConfig(target_heads={}), ValueError, r"target_heads is empty"),
+    Case("empty-list", lambda: AlpsConfig(target_heads=[]), ValueError, r"target_heads is empty"),
+    Case("empty-layer", lambda: AlpsConfig(target_heads={2: []}), ValueError,
+         r"target_heads\[2\] is empty: list at least one head for layer 2"),
+    Case("missing", lambda: AlpsConfig(), ValueError, r"AlpsConfig needs heads to train: pass target_heads="),
+    Case("float-head", lambda: AlpsConfig(target_heads={0: [1.5]}), ValueError,
+         r"head index must be an integer, got 1\.5"),
+    Case("bool-head", lambda: AlpsConfig(target_heads={0: [True]}), ValueError, r"head index must be an integer, got True"),
+    Case("string-heads", lambda: AlpsConfig(target_heads={0: "0,1"}), ValueError,
+         r"target_heads\[0\] must be a list of head indices, got '0,1'"),
+    Case("triple", lambda: AlpsConfig(target_heads=[(0, 1, 2)]), ValueError, r"must be \(layer, head\) pairs, got \(0, 1, 2\)"),
+    Case("not-a-selection", lambda: AlpsConfig(target_heads=7), ValueError, r"got int"),
+]
+
+
+@pytest.mark.parametrize("case", [c.param() for c in CONFIG_CASES])
+def test_bad_config(case):
+    with pytest.raises(case.exc, match=case.match):
+        case.action()
+
+
+# ----------------------------------------------------------------------------- model state helpers
+
+
+def snapshot(model):
+    return (
+        {k: v.detach().clone() for k, v in model.state_dict().items()},
+        [(name, type(m)) for name, m in model.named_modules()],
+    )
+
+
+def assert_untouched(model, snap):
+    state, modules = snap
+    assert [(name, type(m)) for name, m in model.named_modules()] == modules, "a module was replaced"
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    for key, value in state.items():
+        assert now[key].dtype == value.dtype and now[key].shape == value.shape, f"{key} changed"
+        assert value.is_meta or torch.equal(now[key], value), f"{key} changed"
+
+
+# ----------------------------------------------------------------------------- get_peft_model on a base
+
+
+GET_PEFT_MODEL_CASES = [
+    Case("head-out-of-range", {0: [8]}, ValueError, r"head 8 out of range: layer 0 has 8 query heads \(0\.\.7\)"),
+    Case("head-far-out", {1: [2], 2: [99]}, ValueError, r"head 99 out of range: layer 2 has 8 query heads \(0\.\.7\)"),
+    Case("layer-out-of-range", {3: [0]}, ValueError, r"layer 3 out of range: the model has 3 layers \(0\.\.2\)"),
+    Case("not-attention", ({0: [0]}, ["q_proj", "gate_proj"]), ValueError,
+         r"'model\.layers\.0\.mlp\.gate_proj' is not an attention projection.*q_proj"),
+    Case("no-match", ({0: [0]}, ["query"]), ValueError, r"matched no attention projection; valid ones are"),
+]
+
+
+@pytest.mark.parametrize("case", [c.param() for c in GET_PEFT_MODEL_CASES])
+def test_bad_selection_leaves_model_untouched(case):
+    heads, targets = case.action if isinstance(case.action, tuple) else (case.action, None)
+    base = tiny_llama()
+    snap = snapshot(base)
+    with pytest.raises(case.exc, match=case.match):
+        get_peft_model(base, AlpsConfig(target_heads=heads, target_modules=targets))
+    assert_untouched(base, snap)
+
+
+def test_stored_head_layout_must_fit_base():
+    """A config that records another geometry is refused at get_peft_model time, before injection."""
+    cfg = AlpsConfig(target_heads={0: [0]})
+    cfg.head_layout = {"model_type": "llama", "num_layers": 3, "num_heads": 8, "num_kv_heads": 8, "head_dim": 8}
+    base = tiny_llama()
+    snap = snapshot(base)
+    with pytest.raises(ValueError, match=r"num_kv_heads: adapter 8 vs base 2.*Load it onto the base model"):
+        get_peft_model(base, cfg)
+    assert_untouched(base, snap)
+
+
+# ----------------------------------------------------------------------------- loading a saved adapter
+
+
+@pytest.fixture(scope="module")
+def saved_adapter(tmp_path_factory):
+    path = tmp_path_factory.mktemp("adapter")
+    torch.manual_seed(0)
+    model = get_peft_model(tiny_llama(), AlpsConfig(target_heads=HEADS, init_weights=False))
+    model.save_pretrained(path)
+    return path
+
+
+def _copy(src: Path, dst: Path, *, config=None, weights=None, raw=None, drop=False):
+    dst.mkdir()
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg.update(config or {})
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    if raw is not None:
+        (dst / WEIGHTS).write_bytes(raw((src / WEIGHTS).read_bytes()))
+    elif weights is not None:
+        save_file(weights(load_file(src / WEIGHTS)), dst / WEIGHTS)
+    elif not drop:
+        shutil.copy(src / WEIGHTS, dst / WEIGHTS)
+    return dst
+
+
+def _drop_every_other(sd):
+    return {k: v for i, (k, v) in enumerate(sorted(sd.items())) if i % 2}
+
+
+def _poison(value):
+    def fn(sd):
+        sd = {k: v.clone() for k, v in sd.items()}
+        sd[sorted(sd)[-1]][0, 3] = value
+        return sd
+
+    return fn
+
+
+def _pickle_only(dst: Path):
+    torch.save({"base_model.model.model.layers.0.self_attn.q_proj.alps_delta": torch.zeros(16, 64)},
+               dst / "adapter_model.bin")
+
+
+LOAD_CASES = [
+    # (id, how to damage the adapter, base model kwargs, exception, message)
+    Case("truncated-file", dict(raw=lambda b: b[: len(b) // 2]), OSError,
+         r"adapter_model\.safetensors is truncated or corrupted \(\d+ bytes.*Re-save the adapter.*download it again"),
+    Case("truncated-header", dict(raw=lambda b: b[:5]), OSError, r"adapter_model\.safetensors is truncated or corrupted"),
+    Case("corrupted-header", dict(raw=lambda b: b[:8] + b"#" * 40 + b[48:]), OSError,
+         r"adapter_model\.safetensors is truncated or corrupted.*invalid JSON"),
+    Case("empty-file", dict(raw=lambda b: b""), OSError, r"truncated or corrupted \(0 bytes"),
+    Case("no-weights", dict(drop=True), FileNotFoundError,
+         r"no adapter_model\.safetensors in .*holds only \['adapter_config\.json'\].*save_pretrained"),
+    Case("pickle-only", dict(drop=True, extra=_pickle_only), OSError,
+         r"has a pickle adapter_model\.bin but no adapter_model\.safetensors.*never read"),
+    Case("partial", dict(weights=_drop_every_other), ValueError,
+         r"is missing 4 of the 8 ALPS tensors.*partial.*re-save the adapter"),
+    Case("other-target-heads", dict(config={"target_heads": {"0": [1], "2": [0]}}), ValueError,
+         r"'base_model\.model\.model\.layers\.0\.self_attn\.q_proj\.alps_delta' has shape \[16, 64\], but the adapter "
+         r"config needs \[8, 64\]"),
+    Case("extra-layer-in-weights", dict(config={"target_heads": {"0": [1, 5]}}), ValueError,
+         r"holds 4 ALPS tensors that its adapter_config\.json does not create.*layers\.2\."),
+    Case("nan-weights", dict(weights=_poison(float("nan"))), ValueError, r"has 1 NaN/inf values; the adapter is broken"),
+    Case("inf-weights", dict(weights=_poison(float("-inf"))), ValueError, r"has 1 NaN/inf values"),
+    Case("head-out-of-range-in-config", dict(config={"target_heads": {"0": [9]}, "head_layout": None}), ValueError,
+         r"head 9 out of range: layer 0 has 8 query heads \(0\.\.7\)"),
+    Case("no-heads-in-config", dict(config={"target_heads": None}), ValueError, r"AlpsConfig needs heads to train"),
+    Case("fewer-layers", dict(base={"layers": 2}), ValueError, r"num_layers: adapter 3 vs base 2"),
+    Case("fewer-heads", dict(base={"num_heads": 4, "num_kv_heads": 2}), ValueError, r"num_heads: adapter 8 vs base 4"),
+    Case("other-head-dim", dict(base={"head_dim": 16}), ValueError, r"head_dim: adapter 8 vs base 16"),
+    Case("other-kv-heads", dict(base={"num_kv_heads": 4}), ValueError, r"num_kv_heads: adapter 2 vs base 4"),
+    Case("meta-device-base", dict(base="meta"), ValueError, r"on the meta device.*silently dropped.*real weights"),
+]
+
+
+@pytest.mark.parametrize("case", [c.param() for c in LOAD_CASES])
+def test_bad_adapter_fails_before_injection(case, saved_adapter, tmp_path):
+    spec = dict(case.action)
+    extra, base_kwargs = spec.pop("extra", None), spec.pop("base", {})
+    adapter = _copy(saved_adapter, tmp_path / "bad", **spec)
+    if extra:
+        extra(adapter)
+    if base_kwargs == "meta":
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            base = AutoModelForCausalLM.from_config(llama_config())
+    else:
+        base = tiny_llama(**base_kwargs)
+    snap = snapshot(base)
+    with pytest.raises(case.exc, match=case.match):
+        PeftModel.from_pretrained(base, adapter)
+    assert_untouched(base, snap)
+
+
+def test_bad_adapter_via_load_adapter_leaves_peft_model_as_it_was(saved_adapter, tmp_path):
+    """A second adapter that is broken does not touch the PeftModel that already holds a good one."""
+    model = PeftModel.from_pretrained(tiny_llama(), saved_adapter)
+    snap = snapshot(model)
+    bad = _copy(saved_adapter, tmp_path / "bad", raw=lambda b: b[:-100])
+    with pytest.raises(OSError, match="truncated or corrupted"):
+        model.load_adapter(bad, adapter_name="second")
+    assert_untouched(model, snap)
+    assert list(model.peft_config) == ["default"]
+
+
+def test_pickle_is_refused_even_next_to_nothing_else_and_never_opened(saved_adapter, tmp_path):
+    """With a pickle present we do not fall back to it, even if torch.load(weights_only=True) would succeed."""
+    adapter = _copy(saved_adapter, tmp_path / "bin", drop=True)
+    sd = load_file(saved_adapter / WEIGHTS)
+    torch.save(sd, adapter / "adapter_model.bin")  # a perfectly valid, harmless pickle
+    with pytest.raises(OSError, match=r"loaded only from safetensors"):
+        PeftModel.from_pretrained(tiny_llama(), adapter)
+
+
+# ----------------------------------------------------------------------------- merging broken adapters
+
+
+@pytest.mark.parametrize("how", ["merge_adapter", "merge_and_unload"])
+def test_safe_merge_of_broken_adapter_merges_nothing(how):
+    base = tiny_llama()
+    weights_before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = get_peft_model(base, AlpsConfig(target_heads={0: [1], 2: [3]}, init_weights=False))
+    with torch.no_grad():  # the last wrapped layer is broken, the first ones are fine
+        model.base_model.model.model.layers[2].self_attn.v_proj.alps_delta["default"][0, 0] = float("inf")
+    modules = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=r"NaNs or infs in the merged weights of 'model\.layers\.2\.self_attn\.v_proj'"):
+        getattr(model, how)(safe_merge=True)
+    assert [type(m) for m in model.modules()] == modules
+    unloaded = model.unload()
+    for key, value in unloaded.state_dict().items():
+        assert torch.equal(value, weights_before[key]), f"{key} was merged although safe_merge failed"
+
+
+def test_merge_into_meta_weights_is_refused():
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        base = AutoModelForCausalLM.from_config(llama_config())
+    model = get_peft_model(base, AlpsConfig(target_heads={0: [1]}))
+    with pytest.raises(ValueError, match=r"cannot merge ALPS adapter 'default': the base weight is on the meta device"):
+        model.merge_adapter()
+
+
+# ----------------------------------------------------------------------------- dtype combinations that must work
+
+
+def test_fp16_base_with_fp32_adapter_file(saved_adapter):
+    """The common mix-up: an adapter trained/saved in fp32 loaded onto an fp16 base. It loads, keeps the base in
+    fp16, computes in fp16 and merges into fp16 weights exactly as the fp32 delta rounded to fp16."""
+    saved = load_file(saved_adapter / WEIGHTS)
+    assert all(t.dtype == torch.float32 for t in saved.values())
+    base = tiny_llama().half()
+    q_before = base.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    model = PeftModel.from_pretrained(base, saved_adapter)
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q.base_layer.weight.dtype == torch.float16
+    assert torch.equal(q.alps_delta["default"].float(), saved["base_model.model.model.layers.0.self_attn.q_proj.alps_delta"])
+    x = torch.randint(0, 97, (1, 5))
+    with torch.no_grad():
+        assert model(x).logits.dtype == torch.float16
+    merged = model.merge_and_unload()
+    w = merged.model.layers[0].self_attn.q_proj.weight
+    assert w.dtype == torch.float16
+    rows = [r for h in HEADS[0] for r in range(h * 8, h * 8 + 8)]
+    expected = q_before.clone()
+    expected[rows] += saved["base_model.model.model.layers.0.self_attn.q_proj.alps_delta"].half()
+    assert torch.equal(w, expected)
+
+
+def test_half_adapter_file_onto_fp32_base_is_upcast_losslessly(saved_adapter, tmp_path):
+    adapter = _copy(saved_adapter, tmp_path / "half", weights=lambda sd: {k: v.half() for k, v in sd.items()})
+    model = PeftModel.from_pretrained(tiny_llama(), adapter)
+    saved = load_file(adapter / WEIGHTS)
+    for name, tensor in saved.items():
+        module = model.get_submodule(name.rsplit(".", 1)[0])
+        param = getattr(module, name.rsplit(".", 1)[1])["default"]
+        assert param.dtype == torch.float32 and torch.equal(param, tensor.float())
+
