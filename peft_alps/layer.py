@@ -24,6 +24,9 @@ from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTunerLayer, _get_in_out_features, check_adapters_to_merge
 from peft.utils import quantization_extra_repr, resolve_quantization_backend
 from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .quantization import is_quantized_linear, restore_4bit_layout
 
 Axis = Literal["out", "in"]
 
@@ -99,6 +102,14 @@ class AlpsLayer(BaseTunerLayer):
     @torch.no_grad()
     def _apply_to_base(self, adapter_name: str, sign: int, safe_merge: bool = False) -> None:
         index = self.alps_index[adapter_name]
+        if self.quantization_backend is not None:
+            # Same contract as PEFT's LoRA on bnb layers: dequantize, add, re-quantize the whole weight.
+            warnings.warn(
+                f"{'Merging' if sign > 0 else 'Unmerging'} ALPS adapter {adapter_name!r} "
+                f"{'into' if sign > 0 else 'from'} a {self.quantization_backend.backend_name} layer re-quantizes its "
+                "weight, so outputs may differ slightly from the unmerged model due to rounding errors."
+            )
+            restore_4bit_layout(self.get_base_layer())
         weight = self.get_base_weight()
         if weight.is_meta:
             raise ValueError(
@@ -217,3 +228,17 @@ class Linear(nn.Module, AlpsLayer):
 
     def extra_repr(self) -> str:
         return quantization_extra_repr(self)
+
+
+def dispatch_linear(target: nn.Module) -> Optional[type]:
+    """The ALPS layer class for ``target`` (or the base layer of a tuner wrapping it), ``None`` if unsupported.
+
+    Mirrors PEFT's dispatch: plain ``nn.Linear``, and any quantized linear layer PEFT has a backend for
+    (bitsandbytes ``Linear4bit``/``Linear8bitLt``, HQQ, torchao, GPTQ, ...), whose frozen base computes as usual.
+    """
+    base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+    if isinstance(base, nn.Linear) or is_quantized_linear(base):
+        return Linear
+    if isinstance(base, Conv1D):  # GPT-2 style, weight stored [in, out]
+        return Linear
+    return None

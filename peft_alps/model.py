@@ -15,8 +15,9 @@ from peft.utils import get_quantization_kwargs
 from torch import nn
 
 from .config import AlpsConfig
-from .layer import AlpsLayer, Linear
+from .layer import AlpsLayer, dispatch_linear
 from .layouts import HeadDims, HeadLayout, head_slice, layout_for_config
+from .quantization import keep_cpu_4bit_trainable
 from .registration import PREFIX
 from .safe_loading import check_adapter_file, expected_tensors, resolve_weights_file
 
@@ -105,8 +106,8 @@ class AlpsModel(BaseTuner):
 
         matched = []
         for key, module in model.named_modules():
-            if isinstance(module, BaseTunerLayer) and not isinstance(module, AlpsLayer):
-                continue  # another tuner's wrapper: its base layer is reached through its own name
+            # Another tuner's wrapper (e.g. LoRA in a mixed model) is matched under its own name, like a plain
+            # layer; what it wraps (``.base_layer``) is not a separate target.
             if ".base_layer" in key or not key:
                 continue
             hit = check_target_module_exists(peft_config, key)
@@ -118,6 +119,11 @@ class AlpsModel(BaseTuner):
                     f"{layout.default_target_modules} in {record['model_type']} models. "
                     f"Check target_modules={sorted(peft_config.target_modules)}."
                 )
+            if not isinstance(module, AlpsLayer) and dispatch_linear(module) is None:
+                raise TypeError(
+                    f"module {key!r} is a {type(module).__name__}, which ALPS cannot wrap: supported are nn.Linear, "
+                    "transformers' Conv1D and quantized linear layers (bitsandbytes 4-bit/8-bit, HQQ, torchao, GPTQ)"
+                )
             matched.append((key, module))
         if not matched:
             raise ValueError(
@@ -126,6 +132,8 @@ class AlpsModel(BaseTuner):
             )
         peft_config.head_layout = record
         self._check_saved_weights(peft_config, layout, dims, matched)
+        # bitsandbytes' CPU inference repacking of 4-bit weights breaks gradients and merging; keep it off.
+        keep_cpu_4bit_trainable(model)
 
     @staticmethod
     def _check_saved_weights(peft_config: AlpsConfig, layout: HeadLayout, dims: HeadDims, matched: list) -> None:
@@ -231,7 +239,10 @@ class AlpsModel(BaseTuner):
                 raise ValueError(f"{current_key}: inconsistent ALPS layout between adapters")
             target.update_layer(adapter_name, index, init_weights=peft_config.init_weights)
             return
-        new_module = Linear(target, adapter_name, **kwargs)
+        layer_cls = dispatch_linear(target)
+        if layer_cls is None:  # _prepare_model has already refused these; kept for direct callers
+            raise TypeError(f"{current_key}: ALPS cannot wrap a {type(target).__name__}")
+        new_module = layer_cls(target, adapter_name, **kwargs)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
