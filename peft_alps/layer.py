@@ -99,6 +99,12 @@ class AlpsLayer(BaseTunerLayer):
         dim = 0 if axis == "out" else 1
         return 1 - dim if self.transposed else dim
 
+    def get_base_weight(self) -> torch.Tensor:
+        # A CPU 4-bit weight repacked by bitsandbytes for inference cannot be dequantized; put it back first.
+        if self.quantization_backend is not None:
+            restore_4bit_layout(self.get_base_layer())
+        return super().get_base_weight()
+
     @torch.no_grad()
     def _apply_to_base(self, adapter_name: str, sign: int, safe_merge: bool = False) -> None:
         index = self.alps_index[adapter_name]
@@ -109,7 +115,6 @@ class AlpsLayer(BaseTunerLayer):
                 f"{'into' if sign > 0 else 'from'} a {self.quantization_backend.backend_name} layer re-quantizes its "
                 "weight, so outputs may differ slightly from the unmerged model due to rounding errors."
             )
-            restore_4bit_layout(self.get_base_layer())
         weight = self.get_base_weight()
         if weight.is_meta:
             raise ValueError(
