@@ -169,11 +169,15 @@ class AlpsLayer(BaseTunerLayer):
                 self._apply_to_base(name, -1)
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
-        """The full ``[out, in]`` delta of one adapter, for inspection and export (never used in forward)."""
+        """The full delta of one adapter in the base weight's storage orientation, so that ``weight + delta`` is the
+        merged weight: ``[out, in]``, or ``[in, out]`` for a transposed (``Conv1D``) base. This is the contract of
+        LoRA's ``get_delta_weight`` and what ``peft.convert_to_lora`` expects. For inspection and export only; the
+        forward pass never builds it."""
         delta = self.alps_delta[adapter_name]
         full = delta.new_zeros(self.out_features, self.in_features)
         dim = 0 if self.axis == "out" else 1
-        return full.index_add(dim, self.alps_index[adapter_name].to(delta.device), delta)
+        full = full.index_add(dim, self.alps_index[adapter_name].to(delta.device), delta)
+        return full.T if self.transposed else full
 
     def get_delta_bias(self, adapter_name: str) -> Optional[torch.Tensor]:
         if adapter_name not in self.alps_bias:
