@@ -267,6 +267,41 @@ def layout_for_config(config: Any) -> tuple[HeadLayout, HeadDims]:
     return layout, layout.head_dims(text_config)
 
 
+# ------------------------------------------------------------------------------------ config readers
+# Each reader mirrors how the family's transformers attention module sizes its heads (transformers 5.x).
+
+
+def mha_dims(config: Any) -> HeadDims:
+    """Plain multi-head attention sized by ``hidden_size // num_attention_heads`` (OPT, BERT, GPT-NeoX)."""
+    num_heads = config.num_attention_heads
+    return HeadDims(config.num_hidden_layers, num_heads, num_heads, config.hidden_size // num_heads)
+
+
+def gpt2_dims(config: Any) -> HeadDims:
+    """GPT-2 names its sizes ``n_layer`` / ``n_head`` / ``n_embd``; attention is MHA."""
+    return HeadDims(config.n_layer, config.n_head, config.n_head, config.n_embd // config.n_head)
+
+
+def falcon_dims(config: Any) -> HeadDims:
+    """Falcon's three attention layouts, as ``FalconAttention._split_heads`` reads its fused ``query_key_value``:
+
+    * ``new_decoder_architecture`` (Falcon-40B/180B): ``num_kv_heads`` groups of ``[n/g query heads | k | v]``;
+    * ``multi_query`` (Falcon-7B): one group ``[all query heads | k | v]`` (MQA);
+    * neither: MHA, interleaved per head as ``[q | k | v]`` (``num_kv_heads`` is not used by this layout).
+    """
+    num_heads = config.num_attention_heads
+    if config.new_decoder_architecture:
+        num_kv_heads = config.num_kv_heads or num_heads
+    elif config.multi_query:
+        num_kv_heads = 1
+    else:
+        num_kv_heads = num_heads
+    return HeadDims(config.num_hidden_layers, num_heads, num_kv_heads, config.hidden_size // num_heads)
+
+
+# ---------------------------------------------------------------------------------- built-in layouts
+
+
 def _separate(attn: str, q="q_proj", k="k_proj", v="v_proj", o="o_proj") -> tuple[Projection, ...]:
     return (
         Projection(f"{attn}.{q}", "q"),
@@ -276,11 +311,84 @@ def _separate(attn: str, q="q_proj", k="k_proj", v="v_proj", o="o_proj") -> tupl
     )
 
 
+# Separate q/k/v/o Linear layers under ``model.layers.N.self_attn`` (MHA, GQA or MQA; head_dim read from the
+# config where the family allows it to differ from hidden_size / num_heads, as in Gemma and Qwen3).
 register_layout(
     HeadLayout(
         model_types=("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text"),
         layers="layers",
         projections=_separate("self_attn"),
+        dims=llama_dims,
     )
 )
 
+# Phi-3: one fused ``qkv_proj`` = [q heads | k groups | v groups] along its output rows.
+register_layout(
+    HeadLayout(
+        model_types=("phi3",),
+        layers="layers",
+        projections=(Projection("self_attn.qkv_proj", "qkv"), Projection("self_attn.o_proj", "o")),
+        dims=llama_dims,
+    )
+)
+
+# GPT-2: ``Conv1D`` layers store ``weight = [in, out]``; ``c_attn`` is [q | k | v] along the outputs.
+# (``mlp.c_proj`` shares the leaf name, so the paths keep the ``attn.`` prefix.)
+register_layout(
+    HeadLayout(
+        model_types=("gpt2",),
+        layers="h",
+        projections=(
+            Projection("attn.c_attn", "qkv", transposed=True),
+            Projection("attn.c_proj", "o", transposed=True),
+        ),
+        dims=gpt2_dims,
+    )
+)
+
+# GPT-NeoX / Pythia: ``query_key_value`` viewed as [heads, 3, head_dim], i.e. [q|k|v] per head.
+register_layout(
+    HeadLayout(
+        model_types=("gpt_neox",),
+        layers="layers",
+        projections=(
+            Projection("attention.query_key_value", "qkv_grouped"),
+            Projection("attention.dense", "o"),
+        ),
+        dims=mha_dims,
+    )
+)
+
+# Falcon: fused ``query_key_value`` grouped per KV group (see ``falcon_dims`` for its three geometries).
+register_layout(
+    HeadLayout(
+        model_types=("falcon",),
+        layers="h",
+        projections=(
+            Projection("self_attention.query_key_value", "qkv_grouped"),
+            Projection("self_attention.dense", "o"),
+        ),
+        dims=falcon_dims,
+    )
+)
+
+# OPT: separate projections, the output one is called ``out_proj``.
+register_layout(
+    HeadLayout(
+        model_types=("opt",),
+        layers="layers",
+        projections=_separate("self_attn", o="out_proj"),
+        dims=mha_dims,
+    )
+)
+
+# BERT-style encoders: ``attention.self.{query,key,value}`` and ``attention.output.dense`` (the MLP's
+# ``output.dense`` sits directly under the layer and is not matched).
+register_layout(
+    HeadLayout(
+        model_types=("bert",),
+        layers="layer",
+        projections=_separate("attention", q="self.query", k="self.key", v="self.value", o="output.dense"),
+        dims=mha_dims,
+    )
+)

@@ -1,0 +1,365 @@
+"""Architecture coverage: every registered family, on a tiny model built from its transformers config.
+
+The oracles here are written from the transformers modeling code, independently of ``peft_alps.layouts``:
+each family lists its attention module paths and the kind of head storage, and ``expected_indices`` spells
+out which rows/columns a set of heads owns. The registry is never used to build an expected value.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import transformers
+from peft import convert_to_lora, get_peft_model, set_peft_model_state_dict
+
+import peft_alps
+from peft_alps import AlpsConfig, layouts
+
+VOCAB = 61
+HEADS = {0: [2], 2: [0, 1, 3]}  # layer 1 has no selected head; layer 2 mixes heads that share a KV group
+
+
+@dataclass(frozen=True)
+class Family:
+    """A tiny model of one family and what the test knows about its attention, written from transformers' code.
+
+    ``proj`` maps each attention module path (inside one block) to how its heads are stored:
+    ``q``/``k``/``v`` (head-major output rows), ``o`` (head-major input columns), ``concat`` (fused, rows
+    ``[q heads | k groups | v groups]``), ``grouped`` (fused, rows ``[group][n/g query heads, k, v][d]``).
+    """
+
+    name: str
+    config_cls: str
+    config: dict
+    n: int  # query heads
+    g: int  # KV groups
+    d: int  # head_dim
+    hidden: int
+    block: str  # module list holding the layers
+    proj: dict
+    bias: frozenset = frozenset()  # paths whose module has a bias
+    transposed: bool = False  # GPT-2 Conv1D: weight stored [in, out]
+    auto: str = "AutoModelForCausalLM"
+    extra: dict = field(default_factory=dict)
+
+    def build(self, seed=0):
+        torch.manual_seed(seed)
+        config = getattr(transformers, self.config_cls)(vocab_size=VOCAB, **self.config)
+        return getattr(transformers, self.auto).from_config(config).eval()
+
+
+SEPARATE = {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.o_proj": "o"}
+LLAMA_LIKE = dict(intermediate_size=48, num_hidden_layers=3, max_position_embeddings=64)
+
+FAMILIES = [
+    Family("llama", "LlamaConfig", dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, **LLAMA_LIKE),
+           4, 2, 8, 32, "layers", SEPARATE),
+    Family("mistral", "MistralConfig", dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=1, **LLAMA_LIKE),
+           4, 1, 8, 32, "layers", SEPARATE),  # MQA
+    Family("mixtral", "MixtralConfig",
+           dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_local_experts=2,
+                num_experts_per_tok=1, **LLAMA_LIKE),
+           4, 2, 8, 32, "layers", SEPARATE),
+    Family("qwen2", "Qwen2Config", dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, **LLAMA_LIKE),
+           4, 2, 8, 32, "layers", SEPARATE, bias=frozenset({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"})),
+    Family("qwen3", "Qwen3Config",  # head_dim 16 != hidden / heads = 8
+           dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=16, **LLAMA_LIKE),
+           4, 2, 16, 32, "layers", SEPARATE),
+    Family("gemma", "GemmaConfig",  # MQA, head_dim 16 != 8
+           dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=1, head_dim=16, **LLAMA_LIKE),
+           4, 1, 16, 32, "layers", SEPARATE),
+    Family("gemma2", "Gemma2Config",
+           dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=12, **LLAMA_LIKE),
+           4, 2, 12, 32, "layers", SEPARATE),
+    Family("phi3", "Phi3Config",
+           dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, **LLAMA_LIKE),
+           4, 2, 8, 32, "layers", {"self_attn.qkv_proj": "concat", "self_attn.o_proj": "o"}),
+    Family("gpt2", "GPT2Config", dict(n_embd=32, n_layer=3, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0),
+           4, 4, 8, 32, "h", {"attn.c_attn": "concat", "attn.c_proj": "o"},
+           bias=frozenset({"attn.c_attn", "attn.c_proj"}), transposed=True),
+    Family("gpt_neox", "GPTNeoXConfig",
+           dict(hidden_size=32, num_attention_heads=4, bos_token_id=0, eos_token_id=0, **LLAMA_LIKE),
+           4, 4, 8, 32, "layers", {"attention.query_key_value": "grouped", "attention.dense": "o"},
+           bias=frozenset({"attention.query_key_value", "attention.dense"})),
+    Family("opt", "OPTConfig",
+           dict(hidden_size=32, ffn_dim=48, num_hidden_layers=3, num_attention_heads=4, max_position_embeddings=64,
+                bos_token_id=0, eos_token_id=0, pad_token_id=1),
+           4, 4, 8, 32, "layers",
+           {"self_attn.q_proj": "q", "self_attn.k_proj": "k", "self_attn.v_proj": "v", "self_attn.out_proj": "o"},
+           bias=frozenset({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"})),
+    Family("falcon_multi_query", "FalconConfig",  # Falcon-7B style: MQA, [q heads | k | v]
+           dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, multi_query=True, bos_token_id=0,
+                eos_token_id=0),
+           4, 1, 8, 32, "h", {"self_attention.query_key_value": "grouped", "self_attention.dense": "o"}),
+    Family("falcon_new_decoder", "FalconConfig",  # Falcon-40B style: GQA groups [q, q, k, v], with biases
+           dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, num_kv_heads=2,
+                new_decoder_architecture=True, bias=True, bos_token_id=0, eos_token_id=0),
+           4, 2, 8, 32, "h", {"self_attention.query_key_value": "grouped", "self_attention.dense": "o"},
+           bias=frozenset({"self_attention.query_key_value", "self_attention.dense"})),
+    Family("falcon_mha", "FalconConfig",  # Falcon-RW style: MHA, [q|k|v] per head
+           dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, multi_query=False, bos_token_id=0,
+                eos_token_id=0),
+           4, 4, 8, 32, "h", {"self_attention.query_key_value": "grouped", "self_attention.dense": "o"}),
+    Family("bert", "BertConfig",
+           dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+                max_position_embeddings=64, pad_token_id=0),
+           4, 4, 8, 32, "layer",
+           {"attention.self.query": "q", "attention.self.key": "k", "attention.self.value": "v",
+            "attention.output.dense": "o"},
+           bias=frozenset({"attention.self.query", "attention.self.key", "attention.self.value",
+                           "attention.output.dense"}),
+           auto="AutoModelForMaskedLM"),
+]
+IDS = [f.name for f in FAMILIES]
+
+
+# ----------------------------------------------------------------------------- independent oracles
+
+
+def expected_indices(kind, n, g, d, heads):
+    """``(axis, indices)`` that query heads ``heads`` own in a projection of ``kind``; axis 0 = output rows."""
+    per_group = n // g
+    groups = {h // per_group for h in heads}
+    span = lambda start: set(range(start, start + d))  # noqa: E731
+    if kind == "q":
+        return 0, set().union(*(span(h * d) for h in heads))
+    if kind in ("k", "v"):
+        return 0, set().union(*(span(x * d) for x in groups))
+    if kind == "o":
+        return 1, set().union(*(span(h * d) for h in heads))
+    if kind == "concat":  # [n query heads | g key heads | g value heads]
+        q = [span(h * d) for h in heads]
+        k = [span(n * d + x * d) for x in groups]
+        v = [span(n * d + g * d + x * d) for x in groups]
+        return 0, set().union(*q, *k, *v)
+    if kind == "grouped":  # g blocks, each [its per_group query heads, one key head, one value head]
+        block = (per_group + 2) * d
+        q = [span((h // per_group) * block + (h % per_group) * d) for h in heads]
+        kv = [span(x * block + per_group * d) | span(x * block + (per_group + 1) * d) for x in groups]
+        return 0, set().union(*q, *kv)
+    raise AssertionError(kind)
+
+
+def expected_trainable(fam, target_heads):
+    """Trainable parameters from the family's geometry: (heads, groups) x head_dim x hidden, plus row biases."""
+    total = 0
+    for heads in target_heads.values():
+        nh, ng = len(heads), len({h // (fam.n // fam.g) for h in heads})
+        for path, kind in fam.proj.items():
+            rows = {"q": nh, "k": ng, "v": ng, "concat": nh + 2 * ng, "grouped": nh + 2 * ng}.get(kind)
+            if rows is None:  # o: all outputs x the selected heads' input columns, bias not head-sliced
+                total += fam.hidden * nh * fam.d
+            else:
+                total += rows * fam.d * fam.hidden + (rows * fam.d if path in fam.bias else 0)
+    return total
+
+
+def attention_key(fam, name):
+    """``(layer, path, "weight"|"bias")`` if ``name`` is an attention tensor of ``fam``, else None."""
+    paths = "|".join(re.escape(p) for p in fam.proj)
+    found = re.search(rf"(?:^|\.){fam.block}\.(\d+)\.({paths})\.(weight|bias)$", name)
+    return None if found is None else (int(found.group(1)), found.group(2), found.group(3))
+
+
+def changed_indices(before, after, axis):
+    """Indices along ``axis`` ([out, in] orientation already applied) where any entry differs."""
+    diff = (after != before)
+    if diff.dim() == 1:
+        return set(torch.nonzero(diff).flatten().tolist())
+    other = 1 - axis
+    return set(torch.nonzero(diff.any(dim=other)).flatten().tolist())
+
+
+def assert_only_selected_slices_changed(fam, before, after, target_heads, exact=False):
+    checked = 0
+    for name, old in before.items():
+        new = after[name]
+        key = attention_key(fam, name)
+        if key is None or key[0] not in target_heads:
+            assert torch.equal(old, new), f"{name} changed but holds no selected head"
+            continue
+        layer, path, param = key
+        axis, allowed = expected_indices(fam.proj[path], fam.n, fam.g, fam.d, target_heads[layer])
+        if param == "bias":
+            if axis == 1:  # the output projection's bias is not per head
+                assert torch.equal(old, new), f"{name} changed"
+                continue
+            changed = changed_indices(old, new, 0)
+        else:
+            if fam.transposed:
+                old, new = old.T, new.T
+            changed = changed_indices(old, new, axis)
+            # a row slice spans every input column (and a column slice every output row)
+            assert changed, f"{name}: no change at all"
+        assert changed <= allowed, f"{name}: changed {sorted(changed - allowed)} outside the selected heads"
+        if exact:
+            assert changed == allowed, f"{name}: {sorted(allowed - changed)} of the selected slices did not change"
+        checked += 1
+    assert checked >= len(target_heads) * len(fam.proj)
+
+
+def n_trainable(model):
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def inputs(seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(2, VOCAB, (2, 7), generator=g)
+
+
+def logits(model, x=None):
+    with torch.no_grad():
+        return model(input_ids=inputs() if x is None else x).logits
+
+
+def train(model, steps=3, lr=1e-2):
+    x = inputs(seed=2)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(steps):
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return model.eval()
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+# ----------------------------------------------------------------------------- adapter on every family
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
+def test_default_targets_identity_and_trainable_count(fam):
+    base = fam.build()
+    ref = logits(base)
+    model = get_peft_model(base, AlpsConfig(target_heads=HEADS))
+
+    wrapped = {n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, peft_alps.AlpsLayer)}
+    expected = {n for n, _ in base.named_modules() if (k := attention_key(fam, n + ".weight")) and k[0] in HEADS}
+    assert len(expected) == len(HEADS) * len(fam.proj)
+    assert wrapped == expected
+
+    assert torch.equal(logits(model), ref)
+    assert n_trainable(model) == expected_trainable(fam, HEADS)
+    assert all(n.split(".")[-2] in ("alps_delta", "alps_bias") for n, p in model.named_parameters() if p.requires_grad)
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
+def test_training_moves_output_merge_matches_and_touches_only_selected_slices(fam):
+    base = fam.build()
+    before = state(base)
+    ref = logits(base)
+    model = train(get_peft_model(base, AlpsConfig(target_heads=HEADS)))
+    unmerged = logits(model)
+    assert not torch.allclose(unmerged, ref, atol=1e-4)
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(logits(merged), unmerged, rtol=1e-4, atol=1e-5)
+    assert_only_selected_slices_changed(fam, before, state(merged), HEADS)
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
+def test_merge_changes_exactly_the_selected_slices_and_delta_weight_orientation(fam):
+    base = fam.build()
+    before = state(base)
+    model = get_peft_model(base, AlpsConfig(target_heads=HEADS, init_weights=False))
+    deltas = {
+        n.removeprefix("base_model.model."): m.get_delta_weight("default")
+        for n, m in model.named_modules()
+        if isinstance(m, peft_alps.AlpsLayer)
+    }
+    unmerged = logits(model)
+    model.merge_adapter()
+    torch.testing.assert_close(logits(model), unmerged, rtol=1e-4, atol=1e-5)
+    model.unmerge_adapter()
+    torch.testing.assert_close(logits(model), unmerged, rtol=1e-4, atol=1e-5)
+    merged = model.merge_and_unload()
+    after = state(merged)
+    assert_only_selected_slices_changed(fam, before, after, HEADS, exact=True)
+    # get_delta_weight is the full delta in the stored orientation (Conv1D: [in, out]), as LoRA's is
+    for module_name, delta in deltas.items():
+        diff = after[module_name + ".weight"] - before[module_name + ".weight"]
+        torch.testing.assert_close(delta, diff, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
+def test_qkv_delta_reaches_only_the_selected_heads_attention_outputs(fam):
+    """Behavioural check, independent of any index formula: with deltas on the q/k/v weights of head 2 of
+    layer 0 only, the attention output of layer 0 (the o-projection's input) changes only for heads that use
+    head 2's KV group, and does change for head 2."""
+    base = fam.build()
+    o_path = next(p for p, kind in fam.proj.items() if kind == "o")
+    o_name = next(n for n, _ in base.named_modules() if n.endswith(f"{fam.block}.0.{o_path}"))
+    seen = []
+    base.get_submodule(o_name).register_forward_pre_hook(lambda m, args: seen.append(args[0].detach().clone()))
+    logits(base)
+    qkv = [p for p, kind in fam.proj.items() if kind != "o"]
+    model = get_peft_model(base, AlpsConfig(target_heads={0: [2]}, target_modules=qkv, init_weights=False))
+    logits(model)
+    changed_cols = set(torch.nonzero((seen[1] != seen[0]).flatten(0, -2).any(dim=0)).flatten().tolist())
+    group = 2 // (fam.n // fam.g)
+    sharing = [h for h in range(fam.n) if h // (fam.n // fam.g) == group]
+    allowed = {h * fam.d + i for h in sharing for i in range(fam.d)}
+    assert set(range(2 * fam.d, 3 * fam.d)) <= changed_cols <= allowed
+
+
+@pytest.mark.parametrize("fam", [f for f in FAMILIES if f.name in ("gpt2", "phi3", "gpt_neox")], ids=lambda f: f.name)
+def test_peft_convert_to_lora_reproduces_the_weight_delta(fam):
+    """PEFT's own ``convert_to_lora`` (SVD of ``get_delta_weight``) must give a LoRA with the same weight update,
+    Conv1D orientation included. (Bias deltas are not part of a LoRA, so they are zeroed here.)"""
+    base = fam.build()
+    model = get_peft_model(base, AlpsConfig(target_heads=HEADS, init_weights=False))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".alps_bias." in name:
+                p.zero_()
+    expected = logits(model)
+    lora_config, lora_state = convert_to_lora(model, rank=1.0)
+    lora = get_peft_model(fam.build(), lora_config)
+    set_peft_model_state_dict(lora, lora_state)
+    assert lora_state and torch.allclose(logits(lora), expected, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- registry vs transformers code
+
+
+@pytest.mark.parametrize("fam", [f for f in FAMILIES if f.name.startswith("falcon")], ids=lambda f: f.name)
+def test_falcon_registry_matches_split_heads(fam):
+    """``FalconAttention._split_heads`` on a vector of row numbers tells which fused rows feed each head."""
+    base = fam.build()
+    attn = base.transformer.h[0].self_attention
+    _, dims = layouts.layout_for_config(base.config)
+    assert (dims.num_heads, dims.num_kv_heads, dims.head_dim) == (fam.n, fam.g, fam.d)
+    rows = torch.arange(attn.query_key_value.out_features, dtype=torch.float64).view(1, 1, -1)
+    query, key, value = attn._split_heads(rows)
+    for h in range(fam.n):
+        parts = layouts.head_parts("qkv_grouped", dims, h)
+        kv = h if key.shape[2] == fam.n else h // (fam.n // key.shape[2])
+        assert parts["q"] == ("out", query[0, 0, h].long().tolist())
+        assert parts["k"] == ("out", key[0, 0, kv].long().tolist())
+        assert parts["v"] == ("out", value[0, 0, kv].long().tolist())
+
+
+def test_unsupported_model_raises_one_clear_error():
+    base = transformers.AutoModelForCausalLM.from_config(
+        transformers.GPTJConfig(n_embd=32, n_layer=2, n_head=4, rotary_dim=4, vocab_size=VOCAB, n_positions=64)
+    )
+    with pytest.raises(ValueError) as err:
+        get_peft_model(base, AlpsConfig(target_heads={0: [1]}))
+    message = str(err.value)
+    assert "'gptj'" in message
+    for family in ("llama", "gpt2", "gpt_neox", "falcon", "bert", "phi3", "opt"):
+        assert family in message
+    assert "register_layout" in message and "Custom architectures" in message
+
+
+def test_every_family_in_this_file_is_registered_with_the_geometry_the_test_expects():
+    for fam in FAMILIES:
+        config = getattr(transformers, fam.config_cls)(vocab_size=VOCAB, **fam.config)
+        layout, dims = layouts.layout_for_config(config)
+        assert (dims.num_layers, dims.num_heads, dims.num_kv_heads, dims.head_dim) == (3, fam.n, fam.g, fam.d)
+        assert sorted(layout.default_target_modules) == sorted(fam.proj)
