@@ -8,6 +8,7 @@ out which rows/columns a set of heads owns. The registry is never used to build 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import pytest
@@ -342,6 +343,31 @@ def test_falcon_registry_matches_split_heads(fam):
         assert parts["q"] == ("out", query[0, 0, h].long().tolist())
         assert parts["k"] == ("out", key[0, 0, kv].long().tolist())
         assert parts["v"] == ("out", value[0, 0, kv].long().tolist())
+
+
+def readme_custom_architecture_example():
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Custom architectures", 1)[1].split("\n## ", 1)[0]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_custom_architecture_example_runs(monkeypatch):
+    monkeypatch.setattr(layouts, "_REGISTRY", dict(layouts._REGISTRY))  # the example's registration stays here
+    namespace = {}
+    exec(compile(readme_custom_architecture_example(), "README.md", "exec"), namespace)
+    model = namespace["model"]
+    assert "gptj" in layouts.supported_model_types()
+    gptj = Family("gptj", "GPTJConfig", {}, 4, 4, 16, 64, "h",
+                  {"attn.q_proj": "q", "attn.k_proj": "k", "attn.v_proj": "v", "attn.out_proj": "o"})
+    wrapped = {n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, peft_alps.AlpsLayer)}
+    assert wrapped == {f"transformer.h.1.attn.{p}" for p in ("q_proj", "k_proj", "v_proj", "out_proj")}
+    assert n_trainable(model) == expected_trainable(gptj, {1: [0, 3]})
+    x = torch.randint(0, 128, (1, 5))
+    with torch.no_grad(), model.disable_adapter():
+        ref = model(input_ids=x).logits
+    assert torch.equal(logits(model, x), ref)
+    train(model)
+    assert not torch.allclose(logits(model, x), ref, atol=1e-4)
 
 
 def test_unsupported_model_raises_one_clear_error():
