@@ -7,6 +7,8 @@ adapters exactly as they accept LoRA ones.
 
 from .config import AlpsConfig
 from .layer import AlpsLayer, Linear
+from .localization import localize_heads
+from .scores import HeadScores, select_layer_consistent, select_random
 from .layouts import HeadDims, HeadLayout, Projection, get_layout, register_layout, supported_model_types
 from .model import AlpsModel
 from .registration import register_alps
@@ -21,9 +23,13 @@ __all__ = [
     "AlpsModel",
     "HeadDims",
     "HeadLayout",
+    "HeadScores",
     "Linear",
     "Projection",
     "get_layout",
+    "localize_heads",
     "register_layout",
+    "select_layer_consistent",
+    "select_random",
     "supported_model_types",
 ]

@@ -98,6 +98,19 @@ class AlpsConfig(PeftConfig):
         head_layout (`dict`, *optional*):
             Filled in by PEFT when the adapter is created: the model type and attention geometry the adapter was
             built for. An adapter is refused on a base whose geometry differs.
+        head_scores (`str` or `HeadScores`, *optional*):
+            Instead of ``target_heads``: a head-scores JSON file (``peft-alps localize ... --output heads.json``) or
+            a :class:`~peft_alps.HeadScores`. With ``ratio`` or ``k`` it is resolved at construction into
+            ``target_heads = scores.top_k(ratio=ratio | k=k)``; ``head_scores`` is then cleared (the file is never
+            needed again) and ``head_selection`` records where the heads came from.
+        ratio (`float`, *optional*):
+            With ``head_scores``: fraction of all heads to train, ``0 < ratio <= 1`` (paper default 0.1);
+            ``K = ceil(ratio * total_heads)``.
+        k (`int`, *optional*):
+            With ``head_scores``: number of heads to train (instead of ``ratio``).
+        head_selection (`dict`, *optional*):
+            Filled in when ``head_scores`` is resolved: scores file, ratio/k, metric, variant, tau, base and task.
+            Informational only.
     """
 
     target_heads: Optional[Any] = field(
@@ -122,9 +135,22 @@ class AlpsConfig(PeftConfig):
         metadata={"help": "Model type and attention geometry the adapter was built for (filled in automatically)."},
     )
 
+    head_scores: Optional[Any] = field(
+        default=None,
+        metadata={"help": "Head-scores JSON file (or HeadScores) to pick target_heads from, with ratio= or k=."},
+    )
+    ratio: Optional[float] = field(
+        default=None, metadata={"help": "With head_scores: fraction of all heads to train, 0 < ratio <= 1."}
+    )
+    k: Optional[int] = field(default=None, metadata={"help": "With head_scores: number of heads to train."})
+    head_selection: Optional[dict] = field(
+        default=None, metadata={"help": "Where target_heads came from when head_scores was resolved (informational)."}
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self.peft_type = ensure_peft_type()
+        self._resolve_head_scores()
         self.target_heads = normalize_target_heads(self.target_heads)
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)
@@ -143,6 +169,42 @@ class AlpsConfig(PeftConfig):
             hub_kwargs, _, _ = cls._split_kwargs(kwargs)
             config._weights_source = AdapterSource(str(pretrained_model_name_or_path), subfolder, dict(hub_kwargs))
         return config
+
+    def _resolve_head_scores(self) -> None:
+        if self.ratio is not None and self.k is not None:
+            raise ValueError(f"pass ratio= or k=, not both (got ratio={self.ratio!r}, k={self.k!r})")
+        if self.head_scores is None:
+            if (self.ratio is not None or self.k is not None) and self.target_heads is None:
+                raise ValueError(
+                    "ratio= / k= select heads from head scores: also pass head_scores='heads.json' "
+                    "(from peft-alps localize) or a HeadScores"
+                )
+            return
+        if self.target_heads is not None:
+            raise ValueError("pass either target_heads or head_scores (with ratio= or k=), not both")
+        if self.ratio is None and self.k is None:
+            raise ValueError("head_scores needs ratio= (e.g. 0.1, the paper's default) or k= to choose how many heads")
+        from .scores import HeadScores
+
+        scores = self.head_scores
+        source = None
+        if not isinstance(scores, HeadScores):
+            source = str(scores)
+            scores = HeadScores.load(scores)
+        self.target_heads = scores.top_k(self.ratio, k=self.k)
+        self.head_selection = {
+            "head_scores": source,
+            "ratio": self.ratio,
+            "k": self.k,
+            "num_heads": sum(len(h) for h in self.target_heads.values()),
+            "metric": scores.metric,
+            "variant": scores.variant,
+            "tau": scores.tau,
+            "base": scores.base,
+            "task": scores.task,
+            "head_dims": dict(scores.head_dims),
+        }
+        self.head_scores = None
 
     @property
     def num_selected_heads(self) -> int:

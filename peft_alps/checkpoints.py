@@ -1,0 +1,301 @@
+"""Read a model's attention weights one layer at a time: from a checkpoint folder, a Hub repo or a live model.
+
+Localization compares two models weight by weight and needs only their q/k/v projections. This module hands
+those out layer by layer so that at most one layer of each model is in memory at a time:
+
+* a **checkpoint folder** (``config.json`` + ``*.safetensors``, sharded or not) is read tensor by tensor with
+  ``safetensors.safe_open`` (memory-mapped; nothing else in the file is touched). A folder that holds only the
+  attention tensors is fine;
+* a **Hub repo id** is resolved through ``huggingface_hub``: ``config.json``, the shard index, and only the
+  shards that hold attention tensors are fetched (from the local cache when ``HF_HUB_OFFLINE=1``);
+* an in-memory **transformers model** is read module by module; a bitsandbytes 4/8-bit weight is
+  dequantized one layer at a time.
+
+Heads are located only through the head-layout registry (:mod:`peft_alps.layouts`), so every registered
+family works, including fused (``qkv``) and transposed (GPT-2 ``Conv1D``) storage.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from .layouts import HeadDims, HeadLayout, Projection, layout_for_config
+
+SCORED_ROLES = ("q", "k", "v", "qkv", "qkv_grouped")  # the projections a head's score is built from
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+LayerTensors = dict[Projection, torch.Tensor]  # stored weight of each scored projection of one layer
+
+
+class AttentionSource:
+    """The scored attention weights of one model, served a layer at a time.
+
+    Attributes:
+        name: identifier recorded in the head scores (folder path, repo id or model name).
+        config: the transformers config.
+        layout, dims: the head layout and geometry from the registry.
+    """
+
+    name: str
+    config: Any
+    layout: HeadLayout
+    dims: HeadDims
+
+    def _init_layout(self, config: Any) -> None:
+        self.config = config
+        self.layout, self.dims = layout_for_config(config)
+        self.projections = tuple(p for p in self.layout.projections if p.role in SCORED_ROLES)
+
+    def layer(self, index: int) -> LayerTensors:
+        """Stored weights (storage orientation; ``Projection.transposed`` says how) of one layer's scored
+        projections, checked to be finite."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _check_finite(tensor: torch.Tensor, name: str, where: str) -> torch.Tensor:
+    # one float64 sum is NaN/inf iff some entry is (weights never come near 1e308); much cheaper than isfinite()
+    if tensor.is_floating_point() and not math.isfinite(float(tensor.sum(dtype=torch.float64))):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ValueError(
+            f"tensor {name!r} of {where} has {bad} NaN/inf value(s); head scores need finite weights. "
+            "Check the checkpoint (a diverged fine-tune or a broken conversion)."
+        )
+    return tensor
+
+
+class SafetensorsSource(AttentionSource):
+    """Attention tensors of a checkpoint folder (``config.json`` + safetensors files).
+
+    ``files`` maps each tensor name to the safetensors file that holds it; by default it is read from
+    ``model.safetensors.index.json`` or from the headers of the folder's ``*.safetensors`` files.
+    """
+
+    def __init__(self, folder: str | os.PathLike, name: str | None = None, files: dict[str, Path] | None = None,
+                 config: Any = None):
+        folder = Path(folder)
+        self.name = name or str(folder)
+        self._init_layout(config if config is not None else _load_config(folder, self.name))
+        self._index = self._locate(files if files is not None else _tensor_files(folder, self.name))
+
+    def _locate(self, files: dict[str, Path]) -> dict[tuple[int, Projection], tuple[str, Path]]:
+        index: dict[tuple[int, Projection], tuple[str, Path]] = {}
+        prefix = None
+        for tensor_name, path in files.items():
+            found = self.layout.match_tensor(tensor_name)
+            if found is None or found[2] != "weight" or found[1].role not in SCORED_ROLES:
+                continue
+            layer, proj, _ = found
+            if layer < self.dims.num_layers:
+                index[(layer, proj)] = (tensor_name, path)
+                prefix = prefix or tensor_name[: tensor_name.index(f"{self.layout.layers}.{layer}.")]
+        missing = [
+            f"{prefix or ''}{self.layout.layers}.{layer}.{proj.path}.weight"
+            for layer in range(self.dims.num_layers)
+            for proj in self.projections
+            if (layer, proj) not in index
+        ]
+        if missing:
+            some = sorted(files)[:5]
+            raise ValueError(
+                f"checkpoint {self.name!r} lacks the attention tensors that localization needs: "
+                f"missing {missing[0]!r}" + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+                + f" (a {self.config.model_type} model with {self.dims.num_layers} layers needs "
+                f"{', '.join(p.path for p in self.projections)} in every layer; the checkpoint has "
+                f"{len(files)} tensors, e.g. {some}). Save the full model or all attention weights."
+            )
+        return index
+
+    def layer(self, index: int) -> LayerTensors:
+        # Open the files for this layer only: a long-lived safe_open keeps every page it touched mapped (and
+        # counted in RSS), so the resident size would grow with the model instead of staying one layer.
+        by_file: dict[Path, list[tuple[Projection, str]]] = {}
+        for proj in self.projections:
+            tensor_name, path = self._index[(index, proj)]
+            by_file.setdefault(path, []).append((proj, tensor_name))
+        out = {}
+        for path, wanted in by_file.items():
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for proj, tensor_name in wanted:
+                    out[proj] = _check_finite(f.get_tensor(tensor_name), tensor_name, repr(self.name))
+        return out
+
+
+def _load_config(folder: Path, name: str) -> Any:
+    from transformers import AutoConfig
+
+    if not (folder / "config.json").is_file():
+        raise OSError(f"checkpoint {name!r} has no config.json (looked in {folder}); localization needs it to find the heads")
+    return AutoConfig.from_pretrained(str(folder))
+
+
+def _tensor_files(folder: Path, name: str) -> dict[str, Path]:
+    """Tensor name -> safetensors file, from the shard index when present, else from the file headers."""
+    index_path = folder / INDEX_FILE
+    if index_path.is_file():
+        weight_map = _read_index(index_path, name)
+        return {tensor: folder / file for tensor, file in weight_map.items()}
+    paths = sorted(folder.glob("*.safetensors"))
+    if not paths:
+        others = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
+        raise OSError(
+            f"checkpoint {name!r} has no *.safetensors files" + (f" (found {others})" if others else "")
+            + "; localization streams safetensors. Re-save it with model.save_pretrained(folder) "
+            "(safetensors is the default) or pass the loaded model itself."
+        )
+    files: dict[str, Path] = {}
+    for path in paths:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            files.update({tensor: path for tensor in f.keys()})
+    return files
+
+
+def _read_index(path: Path, name: str) -> dict[str, str]:
+    try:
+        weight_map = json.loads(path.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"shard index {str(path)!r} of checkpoint {name!r} is malformed ({err}); expected "
+                         "{'weight_map': {tensor: file}}") from None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"shard index {str(path)!r} of checkpoint {name!r}: 'weight_map' must be an object")
+    return weight_map
+
+
+# ------------------------------------------------------------------------------------------------ the Hub
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def _hub_source(repo_id: str, revision: str | None = None, cache_dir: str | None = None) -> SafetensorsSource:
+    """Fetch config, shard index and only the shards holding attention tensors; read them like a folder."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    def fetch(filename: str) -> Path:
+        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir))
+
+    try:
+        config_path = fetch("config.json")
+    except Exception as err:  # noqa: BLE001 - every hub failure becomes one clear OSError
+        raise OSError(
+            f"{repo_id!r} is not a local folder, and its config.json could not be fetched from the Hugging Face "
+            f"Hub or found in the local cache ({type(err).__name__}: {err}). Pass an existing checkpoint folder, "
+            "a loaded model, or a repo id that is cached (HF_HUB_OFFLINE=1) or reachable."
+        ) from err
+    config = _load_config(config_path.parent, repo_id)
+    name = repo_id if revision is None else f"{repo_id}@{revision}"
+    try:
+        weight_map = _read_index(fetch(INDEX_FILE), name)
+    except EntryNotFoundError:
+        weight_map = None
+    if weight_map is None:
+        try:
+            path = fetch(SINGLE_FILE)
+        except Exception as err:  # noqa: BLE001
+            raise OSError(
+                f"repo {repo_id!r} has neither {INDEX_FILE} nor {SINGLE_FILE} (locally cached or on the Hub): "
+                f"{type(err).__name__}: {err}. Localization reads safetensors checkpoints."
+            ) from err
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return SafetensorsSource(path.parent, name=name, files={t: path for t in f.keys()}, config=config)
+    layout, dims = layout_for_config(config)
+    needed = sorted({
+        file for tensor, file in weight_map.items()
+        if (m := layout.match_tensor(tensor)) and m[2] == "weight" and m[1].role in SCORED_ROLES
+    })
+    local = {file: fetch(file) for file in needed}
+    files = {tensor: local.get(file, config_path.parent / file) for tensor, file in weight_map.items()}
+    return SafetensorsSource(config_path.parent, name=name, files=files, config=config)
+
+
+# ------------------------------------------------------------------------------------------ in-memory models
+
+
+class ModuleSource(AttentionSource):
+    """Attention weights of a loaded transformers model, read (and dequantized if 4/8-bit) a layer at a time."""
+
+    def __init__(self, model: torch.nn.Module, name: str | None = None):
+        config = getattr(model, "config", None)
+        if config is None or not hasattr(config, "model_type"):
+            raise ValueError(
+                f"cannot localize heads of a {type(model).__name__}: pass a transformers model (with a "
+                "config.model_type), a checkpoint folder or a Hub repo id"
+            )
+        self.name = name or getattr(config, "_name_or_path", "") or type(model).__name__
+        self._init_layout(config)
+        self._modules: dict[tuple[int, Projection], tuple[str, torch.nn.Module]] = {}
+        for module_name, module in model.named_modules():
+            found = self.layout.match(module_name)
+            if found and found[1].role in SCORED_ROLES and found[0] < self.dims.num_layers:
+                self._modules[found] = (module_name, module)
+        missing = [
+            f"{self.layout.layers}.{layer}.{proj.path}"
+            for layer in range(self.dims.num_layers) for proj in self.projections
+            if (layer, proj) not in self._modules
+        ]
+        if missing:
+            raise ValueError(
+                f"model {self.name!r} lacks the attention modules that localization needs: missing {missing[0]!r}"
+                + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+            )
+
+    def layer(self, index: int) -> LayerTensors:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        from peft.utils.integrations import dequantize_module_weight
+
+        out = {}
+        for proj in self.projections:
+            module_name, module = self._modules[(index, proj)]
+            if isinstance(module, BaseTunerLayer):
+                module = module.get_base_layer()
+            with torch.no_grad():
+                weight = dequantize_module_weight(module).detach().to("cpu")
+            out[proj] = _check_finite(weight, f"{module_name}.weight", f"model {self.name!r}")
+        return out
+
+
+# ------------------------------------------------------------------------------------------------ dispatch
+
+
+def open_source(model_or_path: Any, *, revision: str | None = None, cache_dir: str | None = None) -> AttentionSource:
+    """An :class:`AttentionSource` for a checkpoint folder, a Hub repo id or an in-memory model."""
+    if isinstance(model_or_path, AttentionSource):
+        return model_or_path
+    if isinstance(model_or_path, torch.nn.Module):
+        return ModuleSource(model_or_path)
+    if not isinstance(model_or_path, (str, os.PathLike)):
+        raise TypeError(
+            f"expected a checkpoint folder, a Hub repo id or a transformers model, got {type(model_or_path).__name__}"
+        )
+    text = os.fspath(model_or_path)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return SafetensorsSource(path, name=text)
+    if path.exists():
+        raise OSError(f"{text!r} is a file; pass the checkpoint folder that holds config.json and the safetensors files")
+    if isinstance(model_or_path, os.PathLike) or not _REPO_ID.match(text) or ".." in text:
+        raise OSError(f"checkpoint folder {text!r} does not exist (and it is not a Hub repo id)")
+    return _hub_source(text, revision=revision, cache_dir=cache_dir)
+
+
+def iter_layers(source: AttentionSource) -> Iterator[tuple[int, LayerTensors]]:
+    for index in range(source.dims.num_layers):
+        yield index, source.layer(index)

@@ -1,0 +1,150 @@
+"""``peft-alps`` command line: ``peft-alps localize ...`` and ``peft-alps demo``.
+
+Each subcommand is one ``add_<name>_command(subparsers)`` function that builds its parser and sets
+``run=<function(args) -> exit code>``; to add a subcommand, write such a function and append it to
+:data:`COMMANDS`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+# ------------------------------------------------------------------------------------------------ localize
+
+
+def add_localize_command(subparsers) -> None:
+    from .localization import METRICS, VARIANTS
+
+    p = subparsers.add_parser(
+        "localize",
+        help="score every attention head of a base/task pair and select the top ones",
+        description="Score every attention head by how far the task model moved it from the base model (ALPS PAD "
+        "scores, no data needed), save the scores as JSON and print the selected heads. BASE and TASK are "
+        "checkpoint folders or Hugging Face Hub repo ids.",
+    )
+    p.add_argument("--base", required=True, help="base model: checkpoint folder or Hub repo id")
+    p.add_argument("--task", required=True, help="task model of the same architecture: folder or Hub repo id")
+    how_many = p.add_mutually_exclusive_group()
+    how_many.add_argument("--ratio", type=float, default=None, help="fraction of all heads to select (default 0.1)")
+    how_many.add_argument("--k", type=int, default=None, help="number of heads to select")
+    p.add_argument("--metric", choices=METRICS, default="wasserstein", help="distance (default: wasserstein = PAD)")
+    p.add_argument("--variant", choices=VARIANTS, default="qkv_product", help="per-head matrix (default: qkv_product)")
+    p.add_argument("--tau", type=_positive_float, default=1.0, help="softmax temperature (default 1.0)")
+    p.add_argument("--output", required=True, help="head-scores JSON to write, e.g. heads.json")
+    p.add_argument("--heatmap", default=None, help="also write a PNG heatmap of the scores, selected heads marked")
+    p.add_argument("--revision", default=None, help="Hub revision of the base repo")
+    p.add_argument("--task-revision", default=None, help="Hub revision of the task repo")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.set_defaults(run=run_localize)
+
+
+def run_localize(args: argparse.Namespace) -> int:
+    from .localization import localize_heads
+    from .scores import num_selected
+
+    ratio = args.ratio if args.ratio is not None or args.k is not None else 0.1
+    scores = localize_heads(
+        args.base, args.task, metric=args.metric, variant=args.variant, tau=args.tau,
+        progress=not args.no_progress, revision=args.revision, task_revision=args.task_revision,
+    )
+    count = num_selected(scores.total_heads, ratio, args.k)
+    selected = scores.top_k(k=count)
+    path = scores.save(args.output)
+    print(f"wrote {path} ({scores.num_layers} layers x {scores.num_heads} heads, metric={scores.metric}, "
+          f"variant={scores.variant}, tau={scores.tau})")
+    if args.heatmap:
+        print(f"wrote {scores.heatmap(args.heatmap, selected)}")
+    print(print_top_heads(scores, count))
+    how = f"k={args.k}" if args.k is not None else f"ratio={ratio}"
+    print(f"selected {count} of {scores.total_heads} heads: {selected}")
+    print(f"use them with: AlpsConfig(head_scores={str(path)!r}, {how})")
+    return 0
+
+
+def print_top_heads(scores, count: int, limit: int = 20) -> str:
+    """A small table of the highest-scoring heads."""
+    lines = [f"top {min(count, limit)} heads" + (f" (of {count} selected)" if count > limit else "") + ":",
+             f"{'rank':>5} {'layer':>6} {'head':>5}  score"]
+    for rank, (layer, head) in enumerate(scores.ranking()[: min(count, limit)], 1):
+        lines.append(f"{rank:>5} {layer:>6} {head:>5}  {scores.scores[layer, head]:.6g}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ demo
+
+
+def add_demo_command(subparsers) -> None:
+    from .demo import DemoSettings
+
+    defaults = DemoSettings()
+    p = subparsers.add_parser(
+        "demo",
+        help="offline end-to-end run: small base model, task model, localization, ALPS vs random heads",
+        description="Build a small Llama-style model, pretrain it briefly on a built-in synthetic corpus, fine-tune a "
+        "task model on a synthetic skill, localize the task heads, then train an ALPS adapter on those heads and "
+        "one on random heads with the same budget and compare. Offline, CPU, a few minutes.",
+    )
+    p.add_argument("--output", default=None, help=f"output folder (default {defaults.output})")
+    p.add_argument("--task", default=None, help=f"synthetic skill to adapt to (default {defaults.task})")
+    p.add_argument("--ratio", type=float, default=None, help=f"fraction of heads ALPS trains (default {defaults.ratio})")
+    p.add_argument("--adapter-lr", type=float, default=None, help=f"adapter learning rate (default {defaults.adapter_lr})")
+    for name in ("hidden_size", "layers", "heads", "kv_heads", "pretrain_steps", "task_steps", "adapter_steps",
+                 "batch_size", "train_examples", "eval_examples", "seed"):
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"(default {getattr(defaults, name)})")
+    p.add_argument("--quick", action="store_true", help="tiny sizes and few steps (seconds; for tests)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.set_defaults(run=run_demo_command)
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    from dataclasses import fields
+
+    from .demo import DemoSettings, run_demo
+
+    settings = DemoSettings.quick() if args.quick else DemoSettings()
+    for f in fields(DemoSettings):
+        if getattr(args, f.name, None) is not None:  # explicit flags win over the preset
+            setattr(settings, f.name, getattr(args, f.name))
+    settings.progress = not args.no_progress
+    run_demo(settings)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+COMMANDS: list[Callable] = [add_localize_command, add_demo_command]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="peft-alps", description="ALPS attention-head localization and adapters for PEFT")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in COMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "run", None) is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args) or 0)
+    except (ValueError, OSError) as err:
+        print(f"peft-alps {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
