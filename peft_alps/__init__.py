@@ -11,9 +11,11 @@ from .localization import localize_heads
 from .scores import HeadScores, select_layer_consistent, select_random
 from .layouts import HeadDims, HeadLayout, Projection, get_layout, register_layout, supported_model_types
 from .model import AlpsModel
+from .model_card import install as install_model_card_hooks
 from .registration import register_alps
 
 register_alps(AlpsConfig, AlpsModel)
+install_model_card_hooks()
 
 __version__ = "0.1.0"
 
