@@ -8,13 +8,15 @@ out which rows/columns a set of heads owns. The registry is never used to build 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
 from peft import convert_to_lora, get_peft_model, set_peft_model_state_dict
+from safetensors import safe_open
 
 import peft_alps
 from peft_alps import AlpsConfig, layouts
@@ -120,28 +122,27 @@ IDS = [f.name for f in FAMILIES]
 # ----------------------------------------------------------------------------- independent oracles
 
 
-def expected_indices(kind, n, g, d, heads):
-    """``(axis, indices)`` that query heads ``heads`` own in a projection of ``kind``; axis 0 = output rows."""
+def head_rows(kind, n, g, d, h):
+    """Output rows of query head ``h``'s q piece and its KV group's k/v pieces inside a weight of ``kind``."""
     per_group = n // g
-    groups = {h // per_group for h in heads}
+    x = h // per_group  # the head's KV group
     span = lambda start: set(range(start, start + d))  # noqa: E731
-    if kind == "q":
-        return 0, set().union(*(span(h * d) for h in heads))
-    if kind in ("k", "v"):
-        return 0, set().union(*(span(x * d) for x in groups))
-    if kind == "o":
-        return 1, set().union(*(span(h * d) for h in heads))
+    if kind in ("q", "k", "v"):
+        return {kind: span((h if kind == "q" else x) * d)}
     if kind == "concat":  # [n query heads | g key heads | g value heads]
-        q = [span(h * d) for h in heads]
-        k = [span(n * d + x * d) for x in groups]
-        v = [span(n * d + g * d + x * d) for x in groups]
-        return 0, set().union(*q, *k, *v)
+        return {"q": span(h * d), "k": span(n * d + x * d), "v": span(n * d + g * d + x * d)}
     if kind == "grouped":  # g blocks, each [its per_group query heads, one key head, one value head]
         block = (per_group + 2) * d
-        q = [span((h // per_group) * block + (h % per_group) * d) for h in heads]
-        kv = [span(x * block + per_group * d) | span(x * block + (per_group + 1) * d) for x in groups]
-        return 0, set().union(*q, *kv)
+        return {"q": span(x * block + (h % per_group) * d), "k": span(x * block + per_group * d),
+                "v": span(x * block + (per_group + 1) * d)}
     raise AssertionError(kind)
+
+
+def expected_indices(kind, n, g, d, heads):
+    """``(axis, indices)`` that query heads ``heads`` own in a projection of ``kind``; axis 0 = output rows."""
+    if kind == "o":  # the output projection reads head h from input columns [h*d, (h+1)*d)
+        return 1, {h * d + i for h in heads for i in range(d)}
+    return 0, set().union(*(rows for h in heads for rows in head_rows(kind, n, g, d, h).values()))
 
 
 def expected_trainable(fam, target_heads):
@@ -343,6 +344,61 @@ def test_falcon_registry_matches_split_heads(fam):
         assert parts["q"] == ("out", query[0, 0, h].long().tolist())
         assert parts["k"] == ("out", key[0, 0, kv].long().tolist())
         assert parts["v"] == ("out", value[0, 0, kv].long().tolist())
+
+
+# ----------------------------------------------------------------------------- localization on every family
+
+
+def perturbed_pair(fam):
+    """A base and a task model that differs only in head 1's q piece in layer 0 and in the k/v pieces of
+    head 3's KV group in layer 2. Returns them with the set of (layer, head) whose per-head matrices moved:
+    (0, 1), and every head of layer 2 that shares head 3's KV group."""
+    base = fam.build()
+    task = fam.build()
+    g = torch.Generator().manual_seed(7)
+    edits = [(0, 1, ("q",)), (2, 3, ("k", "v"))]
+    with torch.no_grad():
+        for layer, head, parts in edits:
+            for path, kind in fam.proj.items():
+                if kind == "o":
+                    continue
+                module = next(m for n, m in task.named_modules() if n.endswith(f"{fam.block}.{layer}.{path}"))
+                for part, rows in head_rows(kind, fam.n, fam.g, fam.d, head).items():
+                    if part not in parts:
+                        continue
+                    rows = torch.tensor(sorted(rows))
+                    weight = module.weight.T if fam.transposed else module.weight  # [out, in] view
+                    weight[rows] += 0.5 * torch.randn(weight[rows].shape, generator=g)
+    group = 3 // (fam.n // fam.g)
+    moved = {(0, 1)} | {(2, h) for h in range(fam.n) if h // (fam.n // fam.g) == group}
+    return base, task, moved
+
+
+def assert_ranks_first(scores, moved):
+    ranking = [tuple(x) for x in scores.ranking()]
+    assert set(ranking[: len(moved)]) == moved, ranking
+    top = np.asarray(scores.scores)
+    assert all(top[layer, head] > 0 for layer, head in moved)
+    assert all(top[layer, head] == 0 for layer, head in ranking[len(moved):])
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
+def test_localization_ranks_perturbed_heads_first_from_checkpoints_and_models(fam, tmp_path):
+    base, task, moved = perturbed_pair(fam)
+    in_memory = peft_alps.localize_heads(base, task)
+    assert in_memory.scores.shape == (3, fam.n)
+    assert_ranks_first(in_memory, moved)
+
+    # Checkpoint tensor names differ from module names: the base is saved with its head's prefix
+    # (``model.``, ``transformer.``, ``bert.``, ...), the task as the bare backbone (no prefix at all).
+    base.save_pretrained(tmp_path / "base")
+    task.base_model.save_pretrained(tmp_path / "task")
+    with safe_open(str(tmp_path / "task" / "model.safetensors"), "pt") as f:
+        task_names = list(f.keys())
+    assert all(not n.startswith(base.base_model_prefix + ".") for n in task_names)
+    from_files = peft_alps.localize_heads(tmp_path / "base", tmp_path / "task")
+    assert_ranks_first(from_files, moved)
+    np.testing.assert_allclose(from_files.scores, in_memory.scores, rtol=1e-9, atol=0)
 
 
 def readme_custom_architecture_example():
