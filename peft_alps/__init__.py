@@ -17,6 +17,11 @@ from .registration import register_alps
 register_alps(AlpsConfig, AlpsModel)
 install_model_card_hooks()
 
+from . import mixed as _mixed  # noqa: E402
+from .mixed import save_mixed_adapters  # noqa: E402
+
+_mixed.install()  # ALPS in PeftMixedModel (with LoRA & co.); raises if PEFT's mixed internals changed
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -33,5 +38,6 @@ __all__ = [
     "register_layout",
     "select_layer_consistent",
     "select_random",
+    "save_mixed_adapters",
     "supported_model_types",
 ]

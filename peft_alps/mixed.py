@@ -1,0 +1,320 @@
+"""ALPS inside PEFT's ``PeftMixedModel``: combine an ALPS adapter with LoRA (or LoHa, LoKr, OFT, ...).
+
+``register_peft_method(..., is_mixed_compatible=True)`` is not enough in PEFT 0.21: ``peft/tuners/mixed/model.py``
+admits adapter types through hard-coded module-level gates (``COMPATIBLE_TUNER_TYPES``, ``PREFIXES``, the
+``Configs`` union, the ``Layers`` tuple) and routes each config to its tuner through an ``isinstance`` chain in
+``MixedModel._create_and_replace``. Missing the gates is not always an error: without ``"alps_"`` in ``PREFIXES``
+a new ALPS adapter stays frozen, and without ``AlpsLayer`` in ``Layers`` ``set_adapter(["lora"])`` leaves ALPS
+running.
+
+:func:`install` (run by ``import peft_alps``) therefore
+
+1. checks every PEFT internal it relies on: the installed PEFT version is in :data:`SUPPORTED_PEFT`, each gate
+   exists with the expected type, and each PEFT function that reads a gate still reads it (checked on the
+   function's bytecode names);
+2. adds ALPS to the gates (extending the tuples/list/union, never replacing PEFT's entries);
+3. makes ``PeftMixedModel`` build :class:`AlpsMixedModel`, PEFT's ``MixedModel`` plus an ALPS branch in each
+   per-config step (config defaults, validation, target matching, layer creation). Everything else (LoRA &
+   co., forward, set_adapter, merge, delete) is PEFT's code.
+
+If any check fails, ``import peft_alps`` raises :class:`MixedSupportError` naming the PEFT version and what
+changed, instead of letting mixed models misbehave. ``PEFT_ALPS_SKIP_MIXED=1`` skips this integration (then PEFT
+itself refuses ALPS in mixed models, loudly).
+
+``PeftMixedModel.save_pretrained`` is not implemented by PEFT; :func:`save_mixed_adapters` saves each adapter of
+a mixed model as an ordinary PEFT adapter directory instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import types
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, Optional, Union
+
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
+from torch import nn
+
+from .config import AlpsConfig
+from .layer import AlpsLayer
+from .model import AlpsModel
+from .registration import PREFIX, ensure_peft_type
+
+#: PEFT releases whose mixed-model internals this module has been checked against (also pinned in pyproject.toml).
+SUPPORTED_PEFT = SpecifierSet(">=0.21,<0.22")
+SKIP_ENV = "PEFT_ALPS_SKIP_MIXED"
+
+
+class MixedSupportError(RuntimeError):
+    """PEFT's mixed-model internals are not what peft_alps was built against."""
+
+
+# --------------------------------------------------------------------------------------------- verification
+
+
+def _code_names(func: Any) -> set[str]:
+    """Global/attribute names a function's bytecode refers to, nested code objects (comprehensions) included."""
+    func = getattr(func, "__func__", func)
+    code = getattr(func, "__code__", None)
+    names: set[str] = set()
+    stack = [code] if code is not None else []
+    while stack:
+        code = stack.pop()
+        names.update(code.co_names)
+        stack.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    return names
+
+
+# (where, function, names it must read): the gates PEFT reads and the steps AlpsMixedModel overrides.
+_GATE_READERS = (
+    ("MixedModel", "_check_new_adapter_config", {"Configs"}),
+    ("MixedModel", "set_adapter", {"Layers"}),
+    ("MixedModel", "_mark_only_adapters_as_trainable", {"PREFIXES"}),
+    ("MixedModel", "_replace_module", {"PREFIXES"}),
+    ("MixedModel", "_unload_and_optionally_merge", {"PREFIXES"}),
+    ("MixedModel", "delete_adapter", {"PREFIXES"}),
+    ("BaseTuner", "inject_adapter", {
+        "_prepare_adapter_config", "_prepare_model", "_check_target_module_exists", "_create_and_replace",
+    }),
+    ("PeftMixedModel", "__init__", {"MixedModel", "_check_config_compatible"}),
+    ("PeftMixedModel", "add_adapter", {"_check_config_compatible"}),
+    ("mixed_model", "_check_config_compatible", {"COMPATIBLE_TUNER_TYPES"}),
+)
+
+
+def check_internals(peft_version: Optional[str] = None) -> list[str]:
+    """Everything that differs from the PEFT internals :func:`install` relies on (empty list: all as expected)."""
+    import peft
+    import peft.mixed_model as mixed_model
+    import peft.tuners.mixed as mixed_pkg
+    import peft.tuners.mixed.model as mm
+    from peft.mapping import PEFT_TYPE_TO_MIXED_MODEL_MAPPING
+    from peft.tuners.tuners_utils import BaseTuner
+
+    problems = []
+    version = peft_version or peft.__version__
+    if Version(version) not in SUPPORTED_PEFT:
+        problems.append(f"peft {version} is outside the tested range peft{SUPPORTED_PEFT}")
+
+    gates = {
+        "COMPATIBLE_TUNER_TYPES": tuple,
+        "PREFIXES": list,
+        "Layers": tuple,
+    }
+    for name, kind in gates.items():
+        if not isinstance(getattr(mm, name, None), kind):
+            problems.append(f"peft.tuners.mixed.model.{name} is no longer a {kind.__name__}")
+    if not isinstance(getattr(getattr(mm, "Configs", None), "__args__", None), tuple):
+        problems.append("peft.tuners.mixed.model.Configs is no longer a typing.Union of config classes")
+    if getattr(mixed_pkg, "COMPATIBLE_TUNER_TYPES", None) is not getattr(mm, "COMPATIBLE_TUNER_TYPES", None):
+        problems.append("peft.tuners.mixed.COMPATIBLE_TUNER_TYPES is not re-exported from peft.tuners.mixed.model")
+    original = getattr(mm, "MixedModel", None)
+    if not (isinstance(original, type) and issubclass(original, BaseTuner)):
+        problems.append("peft.tuners.mixed.model.MixedModel is no longer a BaseTuner")
+        return problems
+    current = getattr(mixed_model, "MixedModel", None)
+    if not (isinstance(current, type) and issubclass(current, original)):
+        problems.append("peft.mixed_model.MixedModel is not peft.tuners.mixed.model.MixedModel")
+
+    owners = {
+        "MixedModel": original,
+        "BaseTuner": BaseTuner,
+        "PeftMixedModel": getattr(mixed_model, "PeftMixedModel", None),
+        "mixed_model": mixed_model,
+    }
+    for owner, func_name, needed in _GATE_READERS:
+        func = getattr(owners[owner], func_name, None)
+        if func is None:
+            problems.append(f"{owner}.{func_name} no longer exists")
+            continue
+        missing = needed - _code_names(func)
+        if missing:
+            problems.append(f"{owner}.{func_name} no longer uses {', '.join(sorted(missing))}")
+    for step in ("_prepare_adapter_config", "_prepare_model", "_check_target_module_exists", "_create_and_replace"):
+        if not callable(getattr(original, step, None)):
+            problems.append(f"MixedModel.{step} no longer exists")
+    if ensure_peft_type() not in PEFT_TYPE_TO_MIXED_MODEL_MAPPING:
+        problems.append("ALPS is not registered as mixed-compatible (PEFT_TYPE_TO_MIXED_MODEL_MAPPING)")
+    return problems
+
+
+# --------------------------------------------------------------------------------------------- the tuner
+
+def _original_mixed_model() -> type:
+    import peft.tuners.mixed.model as mm
+
+    return mm.MixedModel
+
+
+def _is_alps(config: Any) -> bool:
+    return isinstance(config, AlpsConfig)
+
+
+_Base = _original_mixed_model()
+
+
+class AlpsMixedModel(_Base):
+    """PEFT's ``MixedModel`` with ALPS support: each per-config step of an ALPS adapter runs ``AlpsModel``'s code
+    (head-layout defaults, validation before any module is replaced, head-aware matching, head-sliced layers);
+    every other adapter type takes PEFT's own path unchanged."""
+
+    def _prepare_adapter_config(self, peft_config, model_config):
+        if _is_alps(peft_config):
+            return AlpsModel._prepare_adapter_config(self, peft_config, model_config)
+        return _Base._prepare_adapter_config(peft_config, model_config)
+
+    def _prepare_model(self, peft_config, model: nn.Module) -> None:
+        if _is_alps(peft_config):
+            # ``model`` is the PeftMixedModel when an adapter is added; ALPS validates module names (and a saved
+            # adapter's tensor names) relative to the transformers model, as in a plain PeftModel.
+            return AlpsModel._prepare_model(self, peft_config, self.model)
+        return super()._prepare_model(peft_config, model)
+
+    def _check_target_module_exists(self, peft_config, key: str):
+        if _is_alps(peft_config):
+            return AlpsModel._check_target_module_exists(self, peft_config, key)
+        return _Base._check_target_module_exists(peft_config, key)
+
+    def _create_and_replace(self, config, *args: Any, **kwargs: Any) -> None:
+        if _is_alps(config):
+            return AlpsModel._create_and_replace(self, config, *args, **kwargs)
+        return super()._create_and_replace(config, *args, **kwargs)
+
+    def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
+        if merge and safe_merge and hasattr(self, "_check_safe_merge"):
+            self._check_safe_merge(adapter_names)  # ALPS layers: check all before merging any
+        return super()._unload_and_optionally_merge(
+            merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
+
+
+# AlpsModel's own helpers (``_layout``, ...) that its methods above call on ``self``: borrowed as they are.
+for _name, _attr in vars(AlpsModel).items():
+    if (
+        _name.startswith("_")
+        and not _name.startswith("__")
+        and not hasattr(_Base, _name)
+        and isinstance(_attr, (types.FunctionType, staticmethod, classmethod))
+    ):
+        setattr(AlpsMixedModel, _name, _attr)
+del _name, _attr
+
+
+# --------------------------------------------------------------------------------------------- install
+
+
+def _without_alps(items: Iterable[Any], cls_name: str) -> tuple:
+    """Drop an earlier peft_alps class (e.g. before a module reload) so that the current one is added once."""
+    return tuple(i for i in items if not (getattr(i, "__module__", "").startswith("peft_alps") and i.__name__ == cls_name))
+
+
+def install() -> None:
+    """Let ``PeftMixedModel`` hold ALPS adapters. Idempotent; raises :class:`MixedSupportError` if PEFT changed."""
+    if os.environ.get(SKIP_ENV, "") not in ("", "0"):
+        return
+    import peft
+    import peft.mixed_model as mixed_model
+    import peft.tuners.mixed as mixed_pkg
+    import peft.tuners.mixed.model as mm
+
+    problems = check_internals()
+    if problems:
+        raise MixedSupportError(
+            f"peft_alps cannot add ALPS to PeftMixedModel on peft {peft.__version__}: " + "; ".join(problems) + ". "
+            f"Install a supported PEFT (pip install 'peft{SUPPORTED_PEFT}'), or set {SKIP_ENV}=1 to use peft_alps "
+            "without mixed-adapter support."
+        )
+    peft_type = ensure_peft_type()
+    if peft_type not in mm.COMPATIBLE_TUNER_TYPES:
+        mm.COMPATIBLE_TUNER_TYPES = (*mm.COMPATIBLE_TUNER_TYPES, peft_type)
+    mixed_pkg.COMPATIBLE_TUNER_TYPES = mm.COMPATIBLE_TUNER_TYPES
+    if PREFIX not in mm.PREFIXES:
+        mm.PREFIXES.append(PREFIX)
+    configs = _without_alps(mm.Configs.__args__, "AlpsConfig")
+    mm.Configs = Union[(*configs, AlpsConfig)]
+    mm.Layers = (*_without_alps(mm.Layers, "AlpsLayer"), AlpsLayer)
+    mixed_model.MixedModel = AlpsMixedModel
+
+
+def is_installed() -> bool:
+    import peft.mixed_model as mixed_model
+
+    return mixed_model.MixedModel is AlpsMixedModel
+
+
+# --------------------------------------------------------------------------------------------- saving
+
+
+def _canonical_module_names(model: nn.Module) -> dict[str, str]:
+    """Tuner layer name -> the name it would have with only its own adapter type on the model.
+
+    When two adapter types wrap the same projection, the inner wrapper sits at ``<name>.base_layer``; a model with
+    only that adapter type has it at ``<name>``.
+    """
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    tuner_names = {name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
+    canonical = {}
+    for name in sorted(tuner_names, key=len):
+        parent, _, last = name.rpartition(".")
+        if last == "base_layer" and parent in tuner_names:
+            canonical[name] = canonical[parent]
+        else:
+            canonical[name] = name
+    return canonical
+
+
+def _canonical_key(key: str, canonical: dict[str, str]) -> str:
+    parts = key.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        module = ".".join(parts[:cut])
+        if module in canonical:
+            return ".".join([canonical[module], *parts[cut:]])
+    return key
+
+
+def save_mixed_adapters(
+    model: nn.Module,
+    save_directory: Union[str, os.PathLike],
+    adapter_names: Optional[Iterable[str]] = None,
+) -> dict[str, Path]:
+    """Save each adapter of a ``PeftMixedModel`` as an ordinary PEFT adapter in ``save_directory/<adapter name>``.
+
+    ``PeftMixedModel.save_pretrained`` raises ``NotImplementedError``; this writes, per adapter, the same
+    ``adapter_config.json`` + ``adapter_model.safetensors`` that ``PeftModel.save_pretrained`` writes for a model
+    holding only that adapter. A LoRA adapter saved this way loads with plain PEFT; an ALPS one with PEFT after
+    ``import peft_alps``; both together with ``PeftMixedModel.from_pretrained`` + ``load_adapter``.
+
+    Returns ``{adapter name: directory}``.
+    """
+    from peft.utils import SAFETENSORS_WEIGHTS_NAME, get_peft_model_state_dict
+    from safetensors.torch import save_file
+
+    configs = model.peft_config
+    names = list(configs) if adapter_names is None else list(adapter_names)
+    unknown = [n for n in names if n not in configs]
+    if unknown:
+        raise ValueError(f"adapter(s) {unknown} not found; this model has {sorted(configs)}")
+    canonical = _canonical_module_names(model)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model.base_model.model
+    written = {}
+    for name in names:
+        state = get_peft_model_state_dict(model, adapter_name=name)
+        state = {_canonical_key(k, canonical): v.detach().contiguous().clone() for k, v in state.items()}
+        out = Path(save_directory) / name
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(out / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
+        config = copy.deepcopy(configs[name])
+        config.inference_mode = True
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = getattr(base, "name_or_path", None) or None
+        auto_mapping = None
+        if config.task_type is None:
+            auto_mapping = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
+        config.save_pretrained(str(out), auto_mapping_dict=auto_mapping)
+        written[name] = out
+    return written
+

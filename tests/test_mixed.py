@@ -1,0 +1,266 @@
+"""ALPS together with LoRA in PEFT's PeftMixedModel (issue: QLoRA, LoRA, export)."""
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from peft import LoraConfig, PeftMixedModel, PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+import peft_alps
+from peft_alps import AlpsConfig, mixed
+from tests.tiny_models import batch, tiny_llama, train_steps
+
+N_HEADS, N_KV, D = 8, 2, 8
+ALPS_HEADS = {0: [1, 6], 2: [3]}
+LORA_R, LORA_ALPHA = 4, 8
+
+
+def logits(model, x=None):
+    model.eval()
+    with torch.no_grad():
+        return model(batch() if x is None else x).logits
+
+
+def trainable(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def lora_config(**kw):
+    return LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, target_modules=["q_proj", "v_proj"], **kw)
+
+
+# ----------------------------------------------------------------------------- independent oracle
+
+
+def expected_index(proj, heads):
+    """Written independently of peft_alps: rows (q/k/v) or columns (o) owned by a layer's selected heads."""
+    groups = sorted({h // (N_HEADS // N_KV) for h in heads})
+    own = heads if proj in ("q_proj", "o_proj") else groups
+    return [i for h in sorted(own) for i in range(h * D, (h + 1) * D)]
+
+
+def merged_by_hand(lora_dir=None, alps_dir=None):
+    """A plain tiny Llama with the saved LoRA and ALPS deltas added to its weights by hand."""
+    model = tiny_llama()
+    weights = dict(model.named_parameters())
+    with torch.no_grad():
+        if lora_dir is not None:
+            sd = load_file(Path(lora_dir) / "adapter_model.safetensors")
+            for key in sd:
+                if key.endswith("lora_A.weight"):
+                    module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+                    b = sd[key.replace("lora_A", "lora_B")]
+                    weights[module + ".weight"] += (LORA_ALPHA / LORA_R) * b @ sd[key]
+        if alps_dir is not None:
+            sd = load_file(Path(alps_dir) / "adapter_model.safetensors")
+            for key, delta in sd.items():
+                module = key.removeprefix("base_model.model.").removesuffix(".alps_delta")
+                layer, proj = int(module.split(".")[2]), module.rsplit(".", 1)[1]
+                index = torch.tensor(expected_index(proj, ALPS_HEADS[layer]))
+                w = weights[module + ".weight"]
+                if proj == "o_proj":
+                    w[:, index] += delta
+                else:
+                    w[index] += delta
+    return model.eval()
+
+
+def train_and_save(config, path, steps=2):
+    model = get_peft_model(tiny_llama(), config)
+    train_steps(model, steps=steps)
+    model.save_pretrained(path)
+    return path
+
+
+# ----------------------------------------------------------------------------- workflow 1: load together
+
+
+def test_separately_trained_lora_and_alps_equal_both_deltas_merged(tmp_path):
+    lora_dir = train_and_save(lora_config(), tmp_path / "lora")
+    alps_dir = train_and_save(AlpsConfig(target_heads=ALPS_HEADS), tmp_path / "alps")
+    expected = logits(merged_by_hand(lora_dir, alps_dir))
+
+    model = PeftMixedModel.from_pretrained(tiny_llama(), lora_dir, adapter_name="lora")
+    model.load_adapter(alps_dir, adapter_name="alps")
+    model.set_adapter(["lora", "alps"])
+    torch.testing.assert_close(logits(model), expected, rtol=1e-5, atol=1e-5)
+
+    model.set_adapter(["alps"])
+    torch.testing.assert_close(logits(model), logits(merged_by_hand(alps_dir=alps_dir)), rtol=1e-5, atol=1e-5)
+    model.set_adapter(["lora"])
+    torch.testing.assert_close(logits(model), logits(merged_by_hand(lora_dir=lora_dir)), rtol=1e-5, atol=1e-5)
+
+    model.set_adapter(["lora", "alps"])
+    merged = model.merge_and_unload()
+    assert not any(isinstance(m, peft.tuners.tuners_utils.BaseTunerLayer) for m in merged.modules())
+    reference = merged_by_hand(lora_dir, alps_dir)
+    for name, w in reference.state_dict().items():
+        torch.testing.assert_close(merged.state_dict()[name], w, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ----------------------------------------------------------------------------- workflow 2: train together
+
+
+@pytest.fixture
+def joint():
+    """LoRA and ALPS trained at once, both on q_proj (ALPS wraps the LoRA layer there)."""
+    model = get_peft_model(tiny_llama(), lora_config(), adapter_name="lora", mixed=True)
+    assert isinstance(model, PeftMixedModel)
+    model.add_adapter("alps", AlpsConfig(target_heads=ALPS_HEADS, target_modules=["q_proj", "k_proj", "o_proj"]))
+    return model
+
+
+def test_both_adapters_train_even_on_the_same_q_proj(joint):
+    q = joint.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, peft_alps.AlpsLayer) and isinstance(q.base_layer, peft.tuners.lora.LoraLayer)
+    base = {n: p.detach().clone() for n, p in joint.named_parameters() if "alps_" not in n and "lora_" not in n}
+
+    joint.set_adapter(["lora", "alps"])
+    names = trainable(joint)
+    # trial pitfall 1: ALPS parameters frozen after add_adapter + set_adapter
+    assert {n for n in names if "alps_delta" in n} == {
+        f"base_model.model.model.layers.{layer}.self_attn.{proj}.alps_delta.alps"
+        for layer in ALPS_HEADS
+        for proj in ("q_proj", "k_proj", "o_proj")
+    }
+    assert all(("alps_delta" in n and n.endswith(".alps")) or ("lora_" in n and ".lora." in n) for n in names)
+    assert any("q_proj.base_layer.lora_B" in n for n in names)
+
+    train_steps(joint, steps=3)
+    params = dict(joint.named_parameters())
+    for name in names:
+        assert params[name].abs().sum() > 0, f"{name} did not train"  # lora_B and the ALPS deltas start at zero
+    for name, w in base.items():
+        assert torch.equal(params[name], w), f"{name} changed"
+
+
+def test_alps_first_then_lora_both_trainable():
+    """ALPS as the mixed model's first adapter: PEFT freezes every parameter whose name lacks a known prefix."""
+    model = get_peft_model(tiny_llama(), AlpsConfig(target_heads=ALPS_HEADS), adapter_name="alps", mixed=True)
+    assert {n for n in trainable(model)} == {n for n, _ in model.named_parameters() if "alps_delta" in n} != set()
+    model.add_adapter("lora", lora_config())
+    model.set_adapter(["alps", "lora"])
+    q = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(q, peft.tuners.lora.LoraLayer) and isinstance(q.base_layer, peft_alps.AlpsLayer)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert any("alps_delta" in n for n in before) and any("lora_A" in n for n in before)
+    train_steps(model, steps=2)
+    params = dict(model.named_parameters())
+    assert all(not torch.equal(params[n], w) for n, w in before.items())
+
+
+def test_set_adapter_lora_deactivates_and_freezes_alps(joint, tmp_path):
+    joint.set_adapter(["lora", "alps"])
+    train_steps(joint, steps=2)
+    both = logits(joint)
+    joint.set_adapter(["lora"])
+    # trial pitfall 2: ALPS stayed active (and trainable) after set_adapter(["lora"])
+    assert not any("alps_" in n for n in trainable(joint))
+    assert any("lora_" in n for n in trainable(joint))
+    lora_only = logits(joint)
+    assert not torch.allclose(lora_only, both)
+
+    dirs = peft_alps.save_mixed_adapters(joint, tmp_path)
+    plain_lora = PeftModel.from_pretrained(tiny_llama(), dirs["lora"])
+    torch.testing.assert_close(logits(plain_lora), lora_only, rtol=1e-5, atol=1e-5)
+
+
+def test_each_adapter_saved_on_its_own_and_reloaded(joint, tmp_path):
+    joint.set_adapter(["lora", "alps"])
+    train_steps(joint, steps=2)
+    expected = logits(joint)
+    with pytest.raises(NotImplementedError):
+        joint.save_pretrained(tmp_path / "x")  # PEFT's own limitation, hence save_mixed_adapters
+
+    dirs = peft_alps.save_mixed_adapters(joint, tmp_path / "saved")
+    assert set(dirs) == {"lora", "alps"}
+    lora_keys = set(load_file(dirs["lora"] / "adapter_model.safetensors"))
+    assert lora_keys and not any("base_layer" in k or "alps" in k for k in lora_keys)  # as plain PEFT writes it
+    alps_keys = set(load_file(dirs["alps"] / "adapter_model.safetensors"))
+    assert alps_keys and all(k.endswith(".alps_delta") for k in alps_keys)
+    assert json.loads((dirs["lora"] / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    assert json.loads((dirs["alps"] / "adapter_config.json").read_text())["peft_type"] == "ALPS"
+
+    # the two directories, loaded together again, give the jointly trained model
+    again = PeftMixedModel.from_pretrained(tiny_llama(), dirs["lora"], adapter_name="lora")
+    again.load_adapter(dirs["alps"], adapter_name="alps")
+    again.set_adapter(["lora", "alps"])
+    torch.testing.assert_close(logits(again), expected, rtol=1e-5, atol=1e-5)
+    # and merge_and_unload of the jointly trained mixed model keeps its outputs
+    merged = joint.merge_and_unload()
+    torch.testing.assert_close(logits(merged), expected, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_mixing_on_unknown_model_type_fails_before_any_weight_is_touched():
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    model = GPTJForCausalLM(GPTJConfig(n_embd=32, n_head=4, n_layer=1, vocab_size=50, rotary_dim=4))
+    mixed_model = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="lora", mixed=True)
+    before = {k: v.clone() for k, v in mixed_model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"no head layout for model_type 'gptj'.*Supported model types: .*llama"):
+        mixed_model.add_adapter("alps", AlpsConfig(target_heads={0: [0]}))
+    assert "alps" not in mixed_model.peft_config
+    assert not any(isinstance(m, peft_alps.AlpsLayer) for m in mixed_model.modules())
+    assert all(torch.equal(before[k], v) for k, v in mixed_model.state_dict().items())
+    with pytest.raises(ValueError, match=r"no head layout for model_type 'gptj'"):
+        get_peft_model(GPTJForCausalLM(model.config), AlpsConfig(target_heads={0: [0]}), mixed=True)
+
+
+def test_bad_heads_in_mixed_model_fail_before_injection():
+    model = get_peft_model(tiny_llama(), lora_config(), adapter_name="lora", mixed=True)
+    with pytest.raises(ValueError, match=r"head 9 out of range: layer 0 has 8 query heads \(0\.\.7\)"):
+        model.add_adapter("alps", AlpsConfig(target_heads={0: [9]}))
+    assert not any(isinstance(m, peft_alps.AlpsLayer) for m in model.modules())
+
+
+# ----------------------------------------------------------------------------- PEFT version pin
+
+
+def test_supported_peft_range_is_pinned_and_installed():
+    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    pinned = re.search(r'"peft\s*([<>=!~][^"]*)"', pyproject).group(1)
+    assert mixed.SUPPORTED_PEFT == mixed.SpecifierSet(pinned), "pyproject's peft pin and mixed.SUPPORTED_PEFT differ"
+    assert peft.__version__ in mixed.SUPPORTED_PEFT
+    assert mixed.check_internals() == []
+    assert mixed.is_installed()
+
+
+def test_future_peft_version_fails_loudly(monkeypatch):
+    assert mixed.check_internals("0.22.0") == ["peft 0.22.0 is outside the tested range peft<0.22,>=0.21"]
+    monkeypatch.setattr(peft, "__version__", "0.22.0")
+    with pytest.raises(mixed.MixedSupportError, match=r"on peft 0\.22\.0: .*outside the tested range.*PEFT_ALPS_SKIP"):
+        mixed.install()
+    monkeypatch.setenv("PEFT_ALPS_SKIP_MIXED", "1")
+    mixed.install()  # explicitly skipped: no error, nothing patched again
+
+
+@pytest.mark.parametrize(
+    "target,attr,value,message",
+    [
+        ("peft.tuners.mixed.model", "Layers", [], r"Layers is no longer a tuple"),
+        ("peft.tuners.mixed.model", "PREFIXES", ("lora_",), r"PREFIXES is no longer a list"),
+        ("peft.tuners.mixed.model.MixedModel", "set_adapter", lambda self, name, inference_mode=False: None,
+         r"MixedModel\.set_adapter no longer uses Layers"),
+        ("peft.mixed_model", "_check_config_compatible", lambda config: None,
+         r"_check_config_compatible no longer uses COMPATIBLE_TUNER_TYPES"),
+    ],
+    ids=["layers-type", "prefixes-type", "set_adapter-code", "compat-check-code"],
+)
+def test_changed_peft_internal_fails_loudly(monkeypatch, target, attr, value, message):
+    import importlib
+
+    module_path, _, cls = target.partition(".MixedModel")
+    owner = importlib.import_module(module_path)
+    if cls or target.endswith("MixedModel"):
+        owner = owner.MixedModel
+    monkeypatch.setattr(owner, attr, value)
+    with pytest.raises(mixed.MixedSupportError, match=rf"peft {re.escape(peft.__version__)}: .*{message}"):
+        mixed.install()
