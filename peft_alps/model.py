@@ -68,6 +68,25 @@ def check_head_layout(recorded: dict[str, Any] | None, current: dict[str, Any]) 
         )
 
 
+def check_head_scores_fit(selection: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """Refuse heads picked from the scores of a model with another geometry: they would be in range often enough
+    (fewer layers or heads) to train the wrong heads silently."""
+    recorded = (selection or {}).get("head_dims") or {}
+    diffs = [
+        f"{key}: scores {recorded[key]!r} vs base {current.get(key)!r}"
+        for key in ("num_layers", "num_heads", "num_kv_heads", "head_dim")
+        if key in recorded and recorded[key] != current.get(key)
+    ]
+    if diffs:
+        origin = selection.get("head_scores") or "a HeadScores object"
+        raise ValueError(
+            f"target_heads were selected from head scores of another model ({origin}; base "
+            f"{selection.get('base')!r}, task {selection.get('task')!r}): {'; '.join(diffs)}. Localize the base model "
+            "you are adapting (peft_alps.localize_heads(base, task) or `peft-alps localize`) and select from "
+            "those scores."
+        )
+
+
 class AlpsModel(BaseTuner):
     """Creates an ALPS model: only the selected attention heads' slices of q/k/v/o are trainable.
 
@@ -102,6 +121,7 @@ class AlpsModel(BaseTuner):
         layout, dims = layout_for_config(config)
         record = head_layout_record(config, dims)
         check_head_layout(peft_config.head_layout, record)
+        check_head_scores_fit(peft_config.head_selection, record)
         validate_target_heads(peft_config.target_heads, dims)
 
         matched = []
