@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from .layouts import HeadDims, HeadLayout, Projection, layout_for_config
 
@@ -69,6 +69,18 @@ class AttentionSource:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _open_safetensors(path: str | os.PathLike):
+    """``safe_open`` that names a damaged file (truncated download, corrupted header) and says what to do."""
+    try:
+        return safe_open(str(path), framework="pt", device="cpu")
+    except SafetensorError as err:
+        size = os.path.getsize(path) if os.path.exists(path) else 0
+        raise OSError(
+            f"checkpoint file {str(path)!r} is truncated or corrupted ({size} bytes; safetensors says: {err}). "
+            "Delete it and download or save the checkpoint again."
+        ) from err
 
 
 def _check_finite(tensor: torch.Tensor, name: str, where: str) -> torch.Tensor:
@@ -133,7 +145,7 @@ class SafetensorsSource(AttentionSource):
             by_file.setdefault(path, []).append((proj, tensor_name))
         out = {}
         for path, wanted in by_file.items():
-            with safe_open(str(path), framework="pt", device="cpu") as f:
+            with _open_safetensors(path) as f:
                 for proj, tensor_name in wanted:
                     out[proj] = _check_finite(f.get_tensor(tensor_name), tensor_name, repr(self.name))
         return out
@@ -163,7 +175,7 @@ def _tensor_files(folder: Path, name: str) -> dict[str, Path]:
         )
     files: dict[str, Path] = {}
     for path in paths:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with _open_safetensors(path) as f:
             files.update({tensor: path for tensor in f.keys()})
     return files
 
@@ -214,7 +226,7 @@ def _hub_source(repo_id: str, revision: str | None = None, cache_dir: str | None
                 f"repo {repo_id!r} has neither {INDEX_FILE} nor {SINGLE_FILE} (locally cached or on the Hub): "
                 f"{type(err).__name__}: {err}. Localization reads safetensors checkpoints."
             ) from err
-        with safe_open(str(path), framework="pt", device="cpu") as f:
+        with _open_safetensors(path) as f:
             return SafetensorsSource(path.parent, name=name, files={t: path for t in f.keys()}, config=config)
     layout, dims = layout_for_config(config)
     needed = sorted({
