@@ -303,3 +303,183 @@ def test_half_adapter_file_onto_fp32_base_is_upcast_losslessly(saved_adapter, tm
         param = getattr(module, name.rsplit(".", 1)[1])["default"]
         assert param.dtype == torch.float32 and torch.equal(param, tensor.float())
 
+
+
+# ----------------------------------------------------------------------------- localization and head scores
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    """A base/task checkpoint pair (3 layers x 8 heads, 2 KV heads) and head scores of a smaller model."""
+    from peft_alps import HeadScores, localize_heads
+
+    root = tmp_path_factory.mktemp("ckpt")
+    tiny_llama(seed=0).save_pretrained(root / "base")
+    tiny_llama(seed=1).save_pretrained(root / "task")
+    small = localize_heads(tiny_llama(num_heads=4, num_kv_heads=2, head_dim=16, layers=2, seed=0),
+                           tiny_llama(num_heads=4, num_kv_heads=2, head_dim=16, layers=2, seed=1))
+    small.save(root / "small.json")
+    scores = HeadScores(scores=torch.arange(24.0).reshape(3, 8).numpy(), head_dims={"num_layers": 3, "num_heads": 8})
+    scores.save(root / "scores.json")
+    return root
+
+
+def _scores_file(tmp_path, ckpt, **changes):
+    data = json.loads((ckpt / "scores.json").read_text())
+    data.update(changes)
+    path = tmp_path / "edited.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _load_scores(path):
+    from peft_alps import HeadScores
+
+    return HeadScores.load(path)
+
+
+def _checkpoint(tmp_path, ckpt, edit):
+    """A copy of the task checkpoint with ``edit(folder)`` applied."""
+    folder = tmp_path / "task"
+    shutil.copytree(ckpt / "task", folder)
+    edit(folder)
+    return folder
+
+
+def _edit_tensors(fn):
+    def edit(folder):
+        sd = load_file(folder / "model.safetensors")
+        fn(sd)
+        save_file(sd, folder / "model.safetensors", metadata={"format": "pt"})
+
+    return edit
+
+
+def _to_pickle(folder):
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+
+
+def _localize(base, task, **kw):
+    from peft_alps import localize_heads
+
+    return localize_heads(base, task, **kw)
+
+
+def _selection(**kw):
+    from peft_alps import HeadScores
+
+    return HeadScores(scores=torch.arange(24.0).reshape(3, 8).numpy()).top_k(**kw)
+
+
+LOCALIZATION_CASES = [
+    # selection size
+    Case("ratio-zero", lambda c, t: _selection(ratio=0), ValueError, r"ratio 0 out of range: expected 0 < ratio <= 1"),
+    Case("ratio-above-one", lambda c, t: _selection(ratio=1.5), ValueError, r"ratio 1\.5 out of range"),
+    Case("ratio-negative", lambda c, t: _selection(ratio=-0.1), ValueError, r"ratio -0\.1 out of range"),
+    Case("ratio-bool", lambda c, t: _selection(ratio=True), ValueError, r"ratio True out of range"),
+    Case("k-zero", lambda c, t: _selection(k=0), ValueError, r"k=0 out of range: the model has 24 heads, so 1 <= k <= 24"),
+    Case("k-above-heads", lambda c, t: _selection(k=25), ValueError, r"k=25 out of range: the model has 24 heads"),
+    Case("k-float", lambda c, t: _selection(k=2.5), ValueError, r"k must be an integer number of heads, got 2\.5"),
+    Case("ratio-and-k", lambda c, t: _selection(ratio=0.1, k=2), ValueError, r"exactly one of ratio= .* or k="),
+    Case("config-ratio-zero", lambda c, t: AlpsConfig(head_scores=str(c / "scores.json"), ratio=0.0), ValueError,
+         r"ratio 0\.0 out of range"),
+    Case("config-k-too-big", lambda c, t: AlpsConfig(head_scores=str(c / "scores.json"), k=30), ValueError,
+         r"k=30 out of range: the model has 24 heads"),
+    Case("config-scores-without-ratio", lambda c, t: AlpsConfig(head_scores=str(c / "scores.json")), ValueError,
+         r"head_scores needs ratio= .* or k="),
+    Case("config-ratio-without-scores", lambda c, t: AlpsConfig(ratio=0.1), ValueError, r"also pass head_scores="),
+    Case("config-heads-and-scores", lambda c, t: AlpsConfig(target_heads={0: [1]}, head_scores=str(c / "scores.json"),
+                                                            ratio=0.1), ValueError, r"either target_heads or head_scores"),
+    # scores files
+    Case("scores-missing-file", lambda c, t: _load_scores(t / "nope.json"), OSError, r"head-scores file '.*nope\.json' does not exist"),
+    Case("scores-not-json", lambda c, t: (t.joinpath("x.json").write_text("{scores: 1"), _load_scores(t / "x.json")),
+         ValueError, r"'.*x\.json' is not valid JSON"),
+    Case("scores-not-object", lambda c, t: (t.joinpath("x.json").write_text("[1, 2]"), _load_scores(t / "x.json")),
+         ValueError, r"expected a JSON object, got list"),
+    Case("scores-other-format", lambda c, t: _load_scores(_scores_file(t, c, format="something-else")), ValueError,
+         r"not a peft-alps head-scores file \(format is 'something-else'"),
+    Case("scores-future-schema", lambda c, t: _load_scores(_scores_file(t, c, schema_version=2)), ValueError,
+         r"schema_version 2 is newer than this peft-alps understands \(up to 1\); upgrade peft-alps"),
+    Case("scores-bad-schema", lambda c, t: _load_scores(_scores_file(t, c, schema_version="1")), ValueError,
+         r"schema_version must be a positive integer, got '1'"),
+    Case("scores-shape-mismatch", lambda c, t: _load_scores(_scores_file(t, c, shape=[2, 8])), ValueError,
+         r"'scores' has shape \[3, 8\] but 'shape' says \[2, 8\]"),
+    Case("scores-ragged", lambda c, t: _load_scores(_scores_file(t, c, scores=[[1.0, 2.0], [3.0]], shape=[2, 2])),
+         ValueError, r"'scores' must be a list of rows of numbers"),
+    Case("scores-nan", lambda c, t: _load_scores(_scores_file(t, c, scores=[[0.0] * 8, [float("nan")] * 8, [0.0] * 8])),
+         ValueError, r"score of head 0 in layer 1 is nan; scores must be finite"),
+    Case("scores-dims-disagree", lambda c, t: _load_scores(_scores_file(t, c, head_dims={"num_layers": 5})), ValueError,
+         r"head_dims\['num_layers'\] = 5 does not match the scores' shape \[3, 8\]"),
+    # metric, variant, temperature
+    Case("unknown-metric", lambda c, t: _localize(c / "base", c / "task", metric="w1"), ValueError,
+         r"unknown metric 'w1'; choose one of wasserstein, kl, js, cosine, euclidean"),
+    Case("unknown-variant", lambda c, t: _localize(c / "base", c / "task", variant="qk"), ValueError,
+         r"unknown variant 'qk'; choose one of qkv_product, qkv_concat"),
+    Case("tau-zero", lambda c, t: _localize(c / "base", c / "task", tau=0), ValueError, r"tau must be a positive finite number.*got 0"),
+    Case("tau-negative", lambda c, t: _localize(c / "base", c / "task", tau=-1.0), ValueError, r"got -1\.0"),
+    Case("tau-nan", lambda c, t: _localize(c / "base", c / "task", tau=float("nan")), ValueError, r"got nan"),
+    Case("tau-inf", lambda c, t: _localize(c / "base", c / "task", tau=float("inf")), ValueError, r"got inf"),
+    # base/task pairs that do not match
+    Case("pair-layers", lambda c, t: _localize(c / "base", tiny_llama(layers=2)), ValueError,
+         r"do not have the same attention geometry \(num_layers: base 3 vs task 2\)"),
+    Case("pair-heads", lambda c, t: _localize(c / "base", tiny_llama(num_heads=4, num_kv_heads=2, head_dim=16)),
+         ValueError, r"num_heads: base 8 vs task 4"),
+    Case("pair-head-dim", lambda c, t: _localize(c / "base", tiny_llama(head_dim=16)), ValueError, r"head_dim: base 8 vs task 16"),
+    Case("pair-kv-heads", lambda c, t: _localize(c / "base", tiny_llama(num_kv_heads=4)), ValueError,
+         r"num_kv_heads: base 2 vs task 4"),
+    Case("pair-hidden", lambda c, t: _localize(c / "base", tiny_llama(hidden_size=32)), ValueError,
+         r"differ in hidden size \(64 vs 32\)"),
+    # weights and checkpoints
+    Case("nan-in-checkpoint", lambda c, t: _localize(c / "base", _checkpoint(t, c, _edit_tensors(
+        lambda sd: sd["model.layers.1.self_attn.q_proj.weight"].__setitem__((0, 0), float("nan"))))),
+         ValueError, r"'model\.layers\.1\.self_attn\.q_proj\.weight' of .* has 1 NaN/inf value"),
+    Case("inf-in-model", lambda c, t: _localize(c / "base", _inf_model()), ValueError,
+         r"model\.layers\.2\.self_attn\.v_proj\.weight.*has 2 NaN/inf value"),
+    Case("missing-path", lambda c, t: _localize(c / "base", t / "no-such-model"), OSError,
+         r"checkpoint folder '.*no-such-model' does not exist"),
+    Case("file-not-folder", lambda c, t: _localize(c / "base", c / "task" / "model.safetensors"), OSError,
+         r"is a file; pass the checkpoint folder"),
+    Case("no-config", lambda c, t: _localize(c / "base", _checkpoint(t, c, lambda f: (f / "config.json").unlink())),
+         OSError, r"has no config\.json"),
+    Case("pickle-checkpoint", lambda c, t: _localize(c / "base", _checkpoint(t, c, _to_pickle)), OSError,
+         r"has no \*\.safetensors files \(found \['pytorch_model\.bin'\]\)"),
+    Case("partial-checkpoint", lambda c, t: _localize(c / "base", _checkpoint(t, c, _edit_tensors(
+        lambda sd: sd.pop("model.layers.2.self_attn.k_proj.weight")))), ValueError,
+         r"lacks the attention tensors that localization needs: missing 'model\.layers\.2\.self_attn\.k_proj\.weight'"),
+    Case("truncated-checkpoint", lambda c, t: _localize(c / "base", _checkpoint(t, c, lambda f: (
+        f / "model.safetensors").write_bytes((f / "model.safetensors").read_bytes()[:-1000]))), OSError,
+         r"checkpoint file '.*model\.safetensors' is truncated or corrupted.*download or save the checkpoint again"),
+]
+
+
+def _inf_model():
+    model = tiny_llama(seed=1)
+    with torch.no_grad():
+        model.model.layers[2].self_attn.v_proj.weight[3, :2] = float("inf")
+    return model
+
+
+@pytest.mark.parametrize("case", [c.param() for c in LOCALIZATION_CASES])
+def test_bad_localization_input(case, ckpt, tmp_path):
+    with pytest.raises(case.exc, match=case.match):
+        case.action(ckpt, tmp_path)
+
+
+def test_scores_of_another_model_are_refused_before_injection(ckpt):
+    cfg = AlpsConfig(head_scores=str(ckpt / "small.json"), ratio=0.5)  # 2 layers x 4 heads: all heads in range
+    base = tiny_llama()
+    snap = snapshot(base)
+    with pytest.raises(ValueError, match=r"selected from head scores of another model .*small\.json.*num_layers: "
+                                         r"scores 2 vs base 3; num_heads: scores 4 vs base 8.*Localize the base model"):
+        get_peft_model(base, cfg)
+    assert_untouched(base, snap)
+
+
+def test_localization_leaves_in_memory_models_untouched(ckpt):
+    base, task = tiny_llama(seed=0), _inf_model()
+    snaps = snapshot(base), snapshot(task)
+    with pytest.raises(ValueError, match="NaN/inf"):
+        _localize(base, task)
+    assert_untouched(base, snaps[0])
+    assert_untouched(task, snaps[1])  # (inf == inf, so the planted infs compare equal)
