@@ -6,6 +6,7 @@ adapters exactly as they accept LoRA ones.
 """
 
 from .config import AlpsConfig
+from .export import export_to_lora
 from .layer import AlpsLayer, Linear
 from .localization import localize_heads
 from .scores import HeadScores, select_layer_consistent, select_random
@@ -31,6 +32,7 @@ __all__ = [
     "HeadDims",
     "HeadLayout",
     "HeadScores",
+    "export_to_lora",
     "Linear",
     "Projection",
     "get_layout",

@@ -1,0 +1,242 @@
+"""Exact export of ALPS adapters to standard PEFT LoRA adapters (issue: QLoRA, LoRA, export)."""
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import transformers
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+from peft_alps import AlpsConfig, export_to_lora
+
+VOCAB = 61
+HEADS = {0: [1, 2], 2: [0]}  # layer 1 untouched; layer 0 heads 1 and 2 share KV group 0 when g = 2
+
+
+def build(family, seed=0):
+    """Tiny models of the families with distinct export cases, with n query heads, g KV groups, head_dim 8."""
+    common = dict(vocab_size=VOCAB)
+    if family == "llama":  # separate q/k/v/o, GQA
+        cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                       num_attention_heads=4, num_key_value_heads=2, **common)
+    elif family == "qwen2":  # q/k/v biases -> lora_bias
+        cfg = transformers.Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                       num_attention_heads=4, num_key_value_heads=2, **common)
+    elif family == "phi3":  # fused qkv_proj
+        cfg = transformers.Phi3Config(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, **common)
+    elif family == "gpt2":  # Conv1D (fan_in_fan_out), fused c_attn, biases everywhere
+        cfg = transformers.GPT2Config(n_embd=32, n_layer=3, n_head=4, n_positions=64, bos_token_id=0,
+                                      eos_token_id=0, **common)
+    else:
+        raise ValueError(family)
+    torch.manual_seed(seed)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def alps_model(family, heads=HEADS, **kw):
+    model = get_peft_model(build(family), AlpsConfig(target_heads=heads, init_weights=False, **kw))
+    with torch.no_grad():  # give every slice, biases included, distinct non-zero values
+        for name, p in model.named_parameters():
+            if ".alps_" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.05)
+    return model
+
+
+def ids(seed=1):
+    return torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, x=None):
+    model.eval()
+    with torch.no_grad():
+        return model(ids() if x is None else x).logits
+
+
+# ----------------------------------------------------------------------------- independent oracle
+
+
+def expected_rows(family, proj, heads, n=4, g=2, d=8):
+    """Rows (q/k/v/fused qkv) or columns (o) of the selected heads, written from the transformers code."""
+    if family == "gpt2":
+        g = n
+    groups = sorted({h // (n // g) for h in heads})
+    q = [i for h in heads for i in range(h * d, (h + 1) * d)]
+    kv = [i for k in groups for i in range(k * d, (k + 1) * d)]
+    if proj in ("q_proj", "o_proj", "c_proj"):
+        return q
+    if proj in ("k_proj", "v_proj"):
+        return kv
+    # fused [q heads | k groups | v groups]
+    return sorted(q + [n * d + i for i in kv] + [n * d + g * d + i for i in kv])
+
+
+def test_factors_are_selection_times_slice(tmp_path):
+    model = alps_model("llama")
+    export_to_lora(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    sd = load_file(tmp_path / "adapter_model.safetensors")
+    deltas = {n.removeprefix("base_model.model.").removesuffix(".alps_delta.default"): p.detach()
+              for n, p in model.named_parameters() if ".alps_delta." in n}
+    # q of layer 0: 2 heads x 8 rows = 16; k/v: one group = 8; o: 16 columns -> one rank 16 for all
+    assert config["peft_type"] == "LORA" and config["r"] == config["lora_alpha"] == 16
+    assert not config["rank_pattern"] and not config["alpha_pattern"] and config["lora_bias"] is False
+    assert sorted(config["target_modules"]) == sorted(deltas)
+    assert set(sd) == {f"base_model.model.{m}.lora_{ab}.weight" for m in deltas for ab in "AB"}
+    for module, delta in deltas.items():
+        layer, proj = int(module.split(".")[2]), module.rsplit(".", 1)[1]
+        index = expected_rows("llama", proj, HEADS[layer])
+        a, b = sd[f"base_model.model.{module}.lora_A.weight"], sd[f"base_model.model.{module}.lora_B.weight"]
+        assert a.shape[0] == b.shape[1] == 16
+        full = torch.zeros(b.shape[0], a.shape[1])
+        if proj == "o_proj":
+            full[:, index] = delta
+        else:
+            full[index] = delta
+        assert torch.equal(b @ a, full), module  # exact: one-hot products only copy numbers
+
+
+def test_per_module_ranks_write_patterns(tmp_path):
+    model = alps_model("llama")
+    export_to_lora(model, tmp_path, per_module_ranks=True)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    expected = {
+        f"model.layers.{layer}.self_attn.{proj}": len(expected_rows("llama", proj, heads))
+        for layer, heads in HEADS.items()
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj")
+    }
+    assert config["rank_pattern"] == expected and config["alpha_pattern"] == expected
+    assert config["r"] == config["lora_alpha"] == max(expected.values())
+    sd = load_file(tmp_path / "adapter_model.safetensors")
+    for module, r in expected.items():
+        assert sd[f"base_model.model.{module}.lora_A.weight"].shape[0] == r
+
+
+def test_padded_rank_gives_same_outputs(tmp_path):
+    model = alps_model("llama")
+    expected = logits(model)
+    export_to_lora(model, tmp_path, rank=40)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["r"] == 40
+    lora = PeftModel.from_pretrained(build("llama"), tmp_path)
+    torch.testing.assert_close(logits(lora), expected, rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- fresh process, plain PEFT
+
+
+FAMILIES = ["llama", "qwen2", "phi3", "gpt2"]
+
+
+def test_exported_lora_loads_without_peft_alps_and_reproduces_outputs(tmp_path):
+    cases = []
+    x = ids(seed=7)
+    torch.save(x, tmp_path / "ids.pt")
+    for family in FAMILIES:
+        build(family).save_pretrained(tmp_path / family / "base")
+        model = alps_model(family)
+        torch.save(logits(model, x), tmp_path / family / "expected.pt")
+        for mode, kw in (("uniform", {}), ("per_module", {"per_module_ranks": True})):
+            with pytest.warns(UserWarning, match="lora_bias=True") if family in ("qwen2", "gpt2") else contextlib.nullcontext():
+                export_to_lora(model, tmp_path / family / mode, **kw)
+            cases.append((family, mode))
+    script = textwrap.dedent(
+        """
+        import sys, json, torch
+        from pathlib import Path
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+        root = Path(sys.argv[1])
+        x = torch.load(root / "ids.pt", weights_only=True)
+        for family, mode in json.loads(sys.argv[2]):
+            expected = torch.load(root / family / "expected.pt", weights_only=True)
+            base = AutoModelForCausalLM.from_pretrained(root / family / "base").eval()
+            model = PeftModel.from_pretrained(base, root / family / mode).eval()
+            assert model.peft_config["default"].peft_type == "LORA"
+            with torch.no_grad():
+                got = model(x).logits
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=f"{family}/{mode}")
+            if family in ("llama", "phi3", "gpt2"):  # merging a lora_bias needs a base bias: not for qwen2's o_proj
+                merged = model.merge_and_unload()
+                with torch.no_grad():
+                    torch.testing.assert_close(merged(x).logits, expected, rtol=1e-5, atol=1e-5,
+                                               msg=f"{family}/{mode} merged")
+        assert not any(m == "peft_alps" or m.startswith("peft_alps.") for m in sys.modules), "peft_alps imported"
+        print("OK", len(json.loads(sys.argv[2])))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path), json.dumps(cases)],
+        capture_output=True, text=True, cwd=tmp_path, env=env,
+    )
+    assert result.returncode == 0 and f"OK {len(cases)}" in result.stdout, result.stderr[-3000:]
+
+
+def test_gpt2_export_uses_fan_in_fan_out_and_fused_rows(tmp_path):
+    model = alps_model("gpt2")
+    with pytest.warns(UserWarning, match="lora_bias"):
+        export_to_lora(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True and config["lora_bias"] is True
+    sd = load_file(tmp_path / "adapter_model.safetensors")
+    a = sd["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"]
+    b = sd["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]
+    rows = expected_rows("gpt2", "c_attn", HEADS[0])
+    assert a.shape == (len(rows), 32) and b.shape == (96, len(rows))
+    assert torch.equal(b.abs().sum(1).nonzero().flatten(), torch.tensor(rows))  # only the fused q/k/v head rows
+    bias = sd["base_model.model.transformer.h.0.attn.c_attn.lora_B.bias"]
+    assert set(bias.nonzero().flatten().tolist()) <= set(rows)
+
+
+# ----------------------------------------------------------------------------- errors
+
+
+def test_rank_too_small_fails_before_anything_is_written(tmp_path):
+    model = alps_model("llama")
+    out = tmp_path / "lora"
+    with pytest.raises(ValueError, match=r"rank 8 is too small .*model\.layers\.0\.self_attn\.(q|o)_proj needs rank 16.*"
+                                         r"Pass rank>=16.*Nothing was written"):
+        export_to_lora(model, out, rank=8)
+    assert not out.exists()
+    for bad in (0, -4, 2.5, True):
+        with pytest.raises(ValueError, match="rank must be a positive integer"):
+            export_to_lora(model, out, rank=bad)
+    assert not out.exists()
+
+
+def test_rank_beyond_vllm_limit_warns_and_caps(tmp_path):
+    # one layer, 8 heads of 80 dims: selecting all heads needs 640 q rows, more than vLLM's 512
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=8,
+                                   num_key_value_heads=8, head_dim=80, vocab_size=VOCAB)
+    model = get_peft_model(transformers.AutoModelForCausalLM.from_config(cfg), AlpsConfig(target_heads={0: list(range(8))}))
+    with pytest.raises(ValueError, match=r"rank 512 is too small .*needs rank 640"):
+        export_to_lora(model, tmp_path / "capped", rank=512)
+    assert not (tmp_path / "capped").exists()
+    with pytest.warns(UserWarning, match=r"rank 640: vLLM serves ranks up to 512"):
+        export_to_lora(model, tmp_path / "big")
+    export_to_lora(model, tmp_path / "patterns", per_module_ranks=True)  # no vLLM promise: no warning needed
+
+
+def test_export_refuses_other_adapters():
+    model = get_peft_model(build("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="is a LORA adapter; export_to_lora exports ALPS adapters"):
+        export_to_lora(model, "/nonexistent/never-written")
+    model = alps_model("llama")
+    with pytest.raises(ValueError, match=r"adapter 'other' not found; this model has \['default'\]"):
+        export_to_lora(model, "/nonexistent/never-written", adapter_name="other")
+    with pytest.raises(ValueError, match="either rank=.* or per_module_ranks=True"):
+        export_to_lora(model, "/nonexistent/never-written", rank=16, per_module_ranks=True)
+
+
+def test_exported_modules_are_only_layers_with_heads(tmp_path):
+    export_to_lora(alps_model("phi3"), tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == sorted(
+        f"model.layers.{layer}.self_attn.{p}" for layer in HEADS for p in ("qkv_proj", "o_proj")
+    )
