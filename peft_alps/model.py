@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from peft.tuners.tuners_utils import (
@@ -20,6 +21,7 @@ from .layouts import HeadDims, HeadLayout, head_slice, layout_for_config
 from .quantization import keep_cpu_4bit_trainable
 from .registration import PREFIX
 from .safe_loading import check_adapter_file, expected_tensors, resolve_weights_file
+from .training import install_partial_backprop, uninstall_partial_backprop
 
 
 def _model_config(model: nn.Module) -> Any:
@@ -85,6 +87,66 @@ def check_head_scores_fit(selection: dict[str, Any] | None, current: dict[str, A
             "you are adapting (peft_alps.localize_heads(base, task) or `peft-alps localize`) and select from "
             "those scores."
         )
+
+
+_SAVED_DELTA = re.compile(r"^(?P<module>.+)\.alps_(?P<kind>delta|bias)\.(?P<adapter>[^.]+)$")
+
+
+def check_loaded_deltas(tuner: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """``load_state_dict`` pre-hook of :class:`AlpsModel`: saved deltas must fit the adapter they are loaded into.
+
+    ``Trainer(resume_from_checkpoint=...)`` loads a checkpoint's weights into the adapter the model already has,
+    without reading the checkpoint's ``adapter_config.json``. A checkpoint from another base model or another
+    head selection would otherwise fail with a bare size mismatch, or worse, load partially in silence.
+    """
+    expected: dict[str, tuple[int, ...]] = {}
+    for name, layer in tuner.named_modules():
+        if isinstance(layer, AlpsLayer):
+            for adapter, index in layer.alps_index.items():
+                n = len(index)
+                shape = (n, layer.in_features) if layer.axis == "out" else (layer.out_features, n)
+                expected[f"{prefix}{name}.alps_delta.{adapter}"] = shape
+                if adapter in layer.alps_bias:
+                    expected[f"{prefix}{name}.alps_bias.{adapter}"] = (n,)
+    own_adapters = {_SAVED_DELTA.match(key)["adapter"] for key in expected}
+    saved: dict[str, dict[str, tuple[int, ...]]] = {}
+    orphans = []  # PEFT leaves a saved key without adapter name when the model has no such parameter
+    for key, value in state_dict.items():
+        if not key.startswith(prefix) or not hasattr(value, "shape"):
+            continue
+        if key.endswith((".alps_delta", ".alps_bias")):
+            orphans.append(key)
+        elif (found := _SAVED_DELTA.match(key)) and found["adapter"] in own_adapters:
+            saved.setdefault(found["adapter"], {})[key] = tuple(value.shape)
+    if not saved and not orphans:
+        return
+
+    def where(key: str) -> str:
+        module, _, kind = key.rpartition(".alps_")
+        return f"{module[len(prefix):].removeprefix('model.')} ({kind.split('.')[0]})"
+
+    adapters = sorted(saved) or ["being loaded"]
+    for adapter in adapters:
+        shapes = saved.get(adapter, {})
+        mine = {key: shape for key, shape in expected.items() if key.endswith(f".{adapter}")}
+        problems = [
+            f"{where(key)}: saved {list(shape)}, this adapter has {list(mine[key])}"
+            for key, shape in shapes.items()
+            if key in mine and shape != mine[key]
+        ]
+        problems += [f"{where(key)}: saved, but this adapter trains no head there" for key in orphans]
+        if shapes:
+            problems += [f"{where(key)}: missing from the saved weights" for key in mine if key not in shapes]
+        if problems:
+            listed = "\n  ".join(problems[:8]) + (f"\n  ... and {len(problems) - 8} more" if len(problems) > 8 else "")
+            name = repr(adapter) if adapter in saved else adapter
+            raise ValueError(
+                f"the saved ALPS weights do not fit the adapter {name}; they come from another base model or another "
+                f"head selection:\n  {listed}\nThe checkpoint's adapter_config.json records its target_heads and "
+                "head_layout. Resume with the same base model and that config, e.g. "
+                "get_peft_model(base, AlpsConfig.from_pretrained(checkpoint_dir)), or load it with "
+                "PeftModel.from_pretrained(base, checkpoint_dir, is_trainable=True)."
+            )
 
 
 class AlpsModel(BaseTuner):
@@ -189,6 +251,15 @@ class AlpsModel(BaseTuner):
         # Layers without selected heads are left alone: no wrapper, no autograd work.
         return found is not None and found[0] in peft_config.target_heads
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_load_state_dict_pre_hook(check_loaded_deltas)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        # Gradient checkpointing must not pull autograd below the lowest trained layer (see training.py).
+        install_partial_backprop(model)
+
     def delete_adapter(self, adapter_name: str) -> None:
         """Delete an adapter. Unlike LoRA's adapters, ALPS adapters usually cover different layers, so the new
         active adapter is chosen model-wide (the remaining active ones, else the first remaining by name) rather
@@ -228,9 +299,11 @@ class AlpsModel(BaseTuner):
     ):
         if merge and safe_merge:
             self._check_safe_merge(adapter_names)
-        return super()._unload_and_optionally_merge(
+        model = super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
+        uninstall_partial_backprop(model)  # the plain model gets transformers' own input-grad behaviour back
+        return model
 
     # ------------------------------------------------------------------------------------ injection
 
