@@ -282,6 +282,22 @@ def gpt2_dims(config: Any) -> HeadDims:
     return HeadDims(config.n_layer, config.n_head, config.n_head, config.n_embd // config.n_head)
 
 
+def bloom_dims(config: Any) -> HeadDims:
+    """BLOOM: ``n_layer`` / ``n_head`` with ``hidden_size``; MHA."""
+    return HeadDims(config.n_layer, config.n_head, config.n_head, config.hidden_size // config.n_head)
+
+
+def distilbert_dims(config: Any) -> HeadDims:
+    """DistilBERT: ``n_layers`` / ``n_heads`` / ``dim``; MHA."""
+    return HeadDims(config.n_layers, config.n_heads, config.n_heads, config.dim // config.n_heads)
+
+
+def gpt_bigcode_dims(config: Any) -> HeadDims:
+    """GPTBigCode (StarCoder): GPT-2 names; ``multi_query`` means one KV head (MQA), otherwise MHA."""
+    kv_heads = 1 if config.multi_query else config.n_head
+    return HeadDims(config.n_layer, config.n_head, kv_heads, config.n_embd // config.n_head)
+
+
 def falcon_dims(config: Any) -> HeadDims:
     """Falcon's three attention layouts, as ``FalconAttention._split_heads`` reads its fused ``query_key_value``:
 
@@ -315,9 +331,22 @@ def _separate(attn: str, q="q_proj", k="k_proj", v="v_proj", o="o_proj") -> tupl
 # config where the family allows it to differ from hidden_size / num_heads, as in Gemma and Qwen3).
 register_layout(
     HeadLayout(
-        model_types=("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text"),
+        model_types=(
+            "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2", "gemma3_text",
+            "starcoder2",
+        ),
         layers="layers",
         projections=_separate("self_attn"),
+        dims=llama_dims,
+    )
+)
+
+# Phi(-2): separate q/k/v, the output projection is ``self_attn.dense``.
+register_layout(
+    HeadLayout(
+        model_types=("phi",),
+        layers="layers",
+        projections=_separate("self_attn", o="dense"),
         dims=llama_dims,
     )
 )
@@ -359,6 +388,30 @@ register_layout(
     )
 )
 
+# BLOOM: ``query_key_value`` viewed as [heads, 3, head_dim], like GPT-NeoX.
+register_layout(
+    HeadLayout(
+        model_types=("bloom",),
+        layers="h",
+        projections=(
+            Projection("self_attention.query_key_value", "qkv_grouped"),
+            Projection("self_attention.dense", "o"),
+        ),
+        dims=bloom_dims,
+    )
+)
+
+# GPTBigCode / StarCoder: an ``nn.Linear`` ``c_attn``. With ``multi_query`` it is [q heads | k | v] (one group);
+# otherwise it is viewed as [heads, 3 * head_dim], i.e. [q|k|v] per head. Both are ``qkv_grouped``.
+register_layout(
+    HeadLayout(
+        model_types=("gpt_bigcode",),
+        layers="h",
+        projections=(Projection("attn.c_attn", "qkv_grouped"), Projection("attn.c_proj", "o")),
+        dims=gpt_bigcode_dims,
+    )
+)
+
 # Falcon: fused ``query_key_value`` grouped per KV group (see ``falcon_dims`` for its three geometries).
 register_layout(
     HeadLayout(
@@ -386,9 +439,19 @@ register_layout(
 # ``output.dense`` sits directly under the layer and is not matched).
 register_layout(
     HeadLayout(
-        model_types=("bert",),
+        model_types=("bert", "roberta"),
         layers="layer",
         projections=_separate("attention", q="self.query", k="self.key", v="self.value", o="output.dense"),
         dims=mha_dims,
+    )
+)
+
+# DistilBERT: ``transformer.layer.N.attention.{q,k,v,out}_lin``.
+register_layout(
+    HeadLayout(
+        model_types=("distilbert",),
+        layers="layer",
+        projections=_separate("attention", q="q_lin", k="k_lin", v="v_lin", o="out_lin"),
+        dims=distilbert_dims,
     )
 )
