@@ -273,11 +273,15 @@ class ModuleSource(AttentionSource):
         from peft.tuners.tuners_utils import BaseTunerLayer
         from peft.utils.integrations import dequantize_module_weight
 
+        from .quantization import restore_4bit_layout
+
         out = {}
         for proj in self.projections:
             module_name, module = self._modules[(index, proj)]
             if isinstance(module, BaseTunerLayer):
                 module = module.get_base_layer()
+            # a CPU 4-bit weight that bitsandbytes repacked for inference cannot be dequantized as is
+            restore_4bit_layout(module)
             with torch.no_grad():
                 weight = dequantize_module_weight(module).detach().to("cpu")
             out[proj] = _check_finite(weight, f"{module_name}.weight", f"model {self.name!r}")

@@ -253,3 +253,40 @@ def test_dispatch_follows_peft_layer_types():
     assert dispatch_linear(bnb.nn.Linear8bitLt(64, 32)) is peft_alps.Linear
     assert dispatch_linear(torch.nn.Embedding(10, 4)) is None
     assert dispatch_linear(torch.nn.Conv2d(3, 3, 1)) is None
+
+
+# ----------------------------------------------------------------------------- localization
+
+
+def test_localization_of_in_memory_4bit_models(tmp_path, base_dir):
+    """Head scores of 4-bit in-memory models equal those of float models holding the dequantized weights, also
+    after an inference pass (which repacks CPU 4-bit weights), and rank the perturbed head first."""
+    from peft_alps import localize_heads
+
+    task = AutoModelForCausalLM.from_pretrained(base_dir)
+    with torch.no_grad():
+        rows = torch.tensor(selected_rows("q_proj", [5]))
+        q = task.model.layers[1].self_attn.q_proj.weight
+        q[rows] += 0.5 * torch.randn(q[rows].shape, generator=torch.Generator().manual_seed(3))
+    task.save_pretrained(tmp_path / "task")
+    base4, task4 = load(base_dir, "4bit"), load(tmp_path / "task", "4bit")
+
+    def float_copy(quantized, path):
+        model = AutoModelForCausalLM.from_pretrained(path)
+        with torch.no_grad():
+            for name, module in quantized.named_modules():
+                if isinstance(module, bnb.nn.Linear4bit):
+                    weight = module.weight
+                    model.get_submodule(name).weight.copy_(bnb.functional.dequantize_4bit(weight.data, weight.quant_state))
+        return model
+
+    expected = localize_heads(float_copy(base4, base_dir), float_copy(task4, tmp_path / "task")).scores
+    got = localize_heads(base4, task4)
+    assert got.ranking()[0] == (1, 5)
+    assert abs(got.scores - expected).max() <= 1e-9 * abs(expected).max()
+
+    logits(base4), logits(task4)  # eval + no_grad: bitsandbytes may repack the CPU weights here
+    after = localize_heads(base4, task4)
+    assert after.ranking()[0] == (1, 5)
+    # the repacking rounds block scales to bf16 (2^-8 relative); scores move by about that much, not more
+    assert abs(after.scores - expected).max() <= 0.05 * abs(expected).max()
