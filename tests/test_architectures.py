@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from peft import convert_to_lora, get_peft_model, set_peft_model_state_dict
+from peft import PeftModel, convert_to_lora, get_peft_model, set_peft_model_state_dict
 from safetensors import safe_open
 
 import peft_alps
@@ -78,7 +78,8 @@ FAMILIES = [
            dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=12, **LLAMA_LIKE),
            4, 2, 12, 32, "layers", SEPARATE),
     Family("phi3", "Phi3Config",
-           dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, **LLAMA_LIKE),
+           dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=0,
+                eos_token_id=0, **LLAMA_LIKE),
            4, 2, 8, 32, "layers", {"self_attn.qkv_proj": "concat", "self_attn.o_proj": "o"}),
     Family("gpt2", "GPT2Config", dict(n_embd=32, n_layer=3, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0),
            4, 4, 8, 32, "h", {"attn.c_attn": "concat", "attn.c_proj": "o"},
@@ -370,6 +371,40 @@ def test_peft_convert_to_lora_reproduces_the_weight_delta(fam):
     lora = get_peft_model(fam.build(), lora_config)
     set_peft_model_state_dict(lora, lora_state)
     assert lora_state and torch.allclose(logits(lora), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("fam", [f for f in FAMILIES if f.name in ("gpt2", "phi3", "falcon_new_decoder", "bert")],
+                         ids=lambda f: f.name)
+def test_save_and_reload_on_fused_transposed_and_encoder_layouts(fam, tmp_path):
+    model = get_peft_model(fam.build(), AlpsConfig(target_heads=HEADS, init_weights=False))
+    expected = logits(model)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(fam.build(), tmp_path)
+    torch.testing.assert_close(logits(reloaded), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "fam_name,targets,valid",
+    [("gpt2", ["c_proj"], "attn.c_proj"), ("bert", ["output.dense"], "attention.output.dense")],
+)
+def test_leaf_names_shared_with_the_mlp_are_refused_naming_the_attention_paths(fam_name, targets, valid):
+    fam = next(f for f in FAMILIES if f.name == fam_name)
+    base = fam.build()
+    before = state(base)
+    with pytest.raises(ValueError, match="is not an attention projection") as err:
+        get_peft_model(base, AlpsConfig(target_heads=HEADS, target_modules=targets))
+    assert valid in str(err.value)
+    assert all(torch.equal(before[k], v) for k, v in state(base).items())  # nothing was replaced
+
+
+def test_registering_over_a_built_in_family_needs_override(monkeypatch):
+    monkeypatch.setattr(layouts, "_REGISTRY", dict(layouts._REGISTRY))
+    mine = layouts.HeadLayout(model_types=("gpt2",), layers="h", projections=(layouts.Projection("attn.c_attn", "qkv"),))
+    with pytest.raises(ValueError, match="'gpt2' is already registered.*override=True"):
+        layouts.register_layout(mine)
+    assert layouts.get_layout("gpt2") is not mine
+    layouts.register_layout(mine, override=True)
+    assert layouts.get_layout("gpt2") is mine
 
 
 # ----------------------------------------------------------------------------- registry vs transformers code
