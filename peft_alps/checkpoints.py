@@ -216,8 +216,10 @@ def _hub_source(repo_id: str, revision: str | None = None, cache_dir: str | None
     name = repo_id if revision is None else f"{repo_id}@{revision}"
     try:
         weight_map = _read_index(fetch(INDEX_FILE), name)
-    except EntryNotFoundError:
+    except EntryNotFoundError:  # not sharded (or, offline, the index is not cached): try the single file
         weight_map = None
+    except OSError as err:
+        raise OSError(f"could not fetch {INDEX_FILE} of repo {repo_id!r}: {type(err).__name__}: {err}") from err
     if weight_map is None:
         try:
             path = fetch(SINGLE_FILE)
@@ -271,7 +273,8 @@ class ModuleSource(AttentionSource):
 
     def layer(self, index: int) -> LayerTensors:
         from peft.tuners.tuners_utils import BaseTunerLayer
-        from peft.utils.integrations import dequantize_module_weight
+
+        from .quantization import dequantized_weight, is_quantized_linear
 
         from .quantization import restore_4bit_layout
 
@@ -283,7 +286,10 @@ class ModuleSource(AttentionSource):
             # a CPU 4-bit weight that bitsandbytes repacked for inference cannot be dequantized as is
             restore_4bit_layout(module)
             with torch.no_grad():
-                weight = dequantize_module_weight(module).detach().to("cpu")
+                if is_quantized_linear(module):  # bitsandbytes 4/8-bit etc.: this one layer, dequantized
+                    weight = dequantized_weight(module, dtype=None).to("cpu")
+                else:
+                    weight = module.weight.detach().to("cpu")
             out[proj] = _check_finite(weight, f"{module_name}.weight", f"model {self.name!r}")
         return out
 

@@ -99,7 +99,7 @@ def add_demo_command(subparsers) -> None:
     p.add_argument("--ratio", type=float, default=None, help=f"fraction of heads ALPS trains (default {defaults.ratio})")
     p.add_argument("--adapter-lr", type=float, default=None, help=f"adapter learning rate (default {defaults.adapter_lr})")
     for name in ("hidden_size", "layers", "heads", "kv_heads", "pretrain_steps", "task_steps", "adapter_steps",
-                 "batch_size", "train_examples", "eval_examples", "seed"):
+                 "batch_size", "train_examples", "eval_examples", "seed", "threads"):
         p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"(default {getattr(defaults, name)})")
     p.add_argument("--quick", action="store_true", help="tiny sizes and few steps (seconds; for tests)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")

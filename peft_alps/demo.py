@@ -52,6 +52,7 @@ class DemoSettings:
     lr: float = 3e-3
     adapter_lr: float = 1e-2
     seed: int = 0
+    threads: int = 1  # torch threads while the demo runs; a model this small gains nothing from more
     progress: bool = True
 
     @classmethod
@@ -67,7 +68,7 @@ class DemoSettings:
             raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of heads ({self.heads})")
         if self.heads % self.kv_heads:
             raise ValueError(f"heads ({self.heads}) must be a multiple of kv_heads ({self.kv_heads})")
-        for name in ("layers", "heads", "kv_heads", "batch_size", "train_examples", "eval_examples"):
+        for name in ("layers", "heads", "kv_heads", "batch_size", "train_examples", "eval_examples", "threads"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
 
@@ -136,14 +137,23 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
     """Run the demo; returns the results (also written to ``<output>/results.json``)."""
+    settings = settings or DemoSettings()
+    settings.validate()
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(settings.threads)
+    try:
+        return _run(settings)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(settings: DemoSettings) -> dict[str, Any]:
     from peft import get_peft_model
 
     from .config import AlpsConfig
     from .localization import localize_heads
     from .scores import HeadScores
 
-    settings = settings or DemoSettings()
-    settings.validate()
     out = Path(settings.output)
     out.mkdir(parents=True, exist_ok=True)
     say = print

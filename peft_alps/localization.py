@@ -36,7 +36,7 @@ METRICS: tuple[str, ...] = ("wasserstein", "kl", "js", "cosine", "euclidean")
 VARIANTS: tuple[str, ...] = ("qkv_product", "qkv_concat")
 
 # Heads of a layer are scored in chunks of at most this many float64 entries per model (bounds memory).
-CHUNK_ENTRIES = 1 << 22
+CHUNK_ENTRIES = 1 << 21
 
 
 # ------------------------------------------------------------------------------------------ deterministic math

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -317,3 +318,97 @@ def test_heatmap_is_a_png(tmp_path):
     s = HeadScores(np.arange(24, dtype=float).reshape(3, 8))
     path = s.heatmap(tmp_path / "h.png", ratio=0.1)
     assert Path(path).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------------------ every registered family
+
+from tests.test_architectures import FAMILIES, IDS  # noqa: E402
+
+
+def _family_qkv(model, fam, layer):
+    """Per-head q and per-group k/v slices ([out, in] orientation), from the family's storage as the
+    architecture tests describe it (not from the layout registry)."""
+    n, g, d = fam.n, fam.g, fam.d
+    mods = dict(model.named_modules())
+    q = k = v = None
+    for path, kind in fam.proj.items():
+        name = next(m for m in mods if m.endswith(f"{fam.block}.{layer}.{path}"))
+        w = mods[name].weight.detach().double().numpy()
+        w = w.T if fam.transposed else w
+        if kind == "q":
+            q = w.reshape(n, d, -1)
+        elif kind == "k":
+            k = w.reshape(g, d, -1)
+        elif kind == "v":
+            v = w.reshape(g, d, -1)
+        elif kind == "concat":
+            q, k, v = w[: n * d].reshape(n, d, -1), w[n * d : (n + g) * d].reshape(g, d, -1), w[(n + g) * d :].reshape(g, d, -1)
+        elif kind == "grouped":
+            blocks = w.reshape(g, n // g + 2, d, -1)
+            q, k, v = blocks[:, : n // g].reshape(n, d, -1), blocks[:, n // g], blocks[:, n // g + 1]
+    return q, k, v
+
+
+def _family_oracle(base, task, fam, variant):
+    n, g = fam.n, fam.g
+    layers = sum(1 for m, _ in base.named_modules() if re.search(rf"(^|\.){fam.block}\.\d+$", m))
+    out = np.zeros((layers, n))
+    for layer in range(layers):
+        mats = []
+        for model in (base, task):
+            q, k, v = _family_qkv(model, fam, layer)
+            per_head = []
+            for h in range(n):
+                j = h // (n // g)
+                per_head.append((q[h].T @ k[j] @ v[j].T).ravel() if variant == "qkv_product"
+                                else np.concatenate([q[h].ravel(), k[j].ravel(), v[j].ravel()]))
+            mats.append(per_head)
+        for h in range(n):
+            p_b, p_t = softmax(mats[0][h]), softmax(mats[1][h])
+            x = np.arange(p_b.size) / (p_b.size - 1)
+            out[layer, h] = wasserstein_distance(u_values=x, v_values=x, u_weights=p_b, v_weights=p_t)
+    return out
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
+def test_every_family_matches_the_oracle_from_folders(fam, tmp_path):
+    base, task = fam.build(0), fam.build(0)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in task.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    base.save_pretrained(tmp_path / "b")
+    task.save_pretrained(tmp_path / "t")
+    for variant in ("qkv_product", "qkv_concat"):
+        s = localize_heads(tmp_path / "b", tmp_path / "t", variant=variant)
+        np.testing.assert_allclose(s.scores, _family_oracle(base, task, fam, variant), rtol=1e-6, atol=0)
+        if variant == "qkv_product":  # the in-memory path reads the same weights
+            assert localize_heads(base, task, variant=variant).scores.tobytes() == s.scores.tobytes()
+
+
+def test_bnb_4bit_model_is_dequantized_layer_by_layer(tmp_path):
+    bnb = pytest.importorskip("bitsandbytes")
+    import warnings
+
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from tests.tiny_models import llama_config
+
+    cfg = llama_config(num_heads=8, num_kv_heads=4, head_dim=8)  # bnb's CPU kernels: rows % 32, cols % 64
+    cfg.intermediate_size = 128
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path / "base")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        q4 = AutoModelForCausalLM.from_pretrained(
+            tmp_path / "base", quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4"))
+    # reference: a plain model holding bitsandbytes' own dequantization of each 4-bit weight
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    with torch.no_grad():
+        for name, module in q4.named_modules():
+            if isinstance(module, bnb.nn.Linear4bit) and "self_attn" in name:
+                w = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+                ref.get_submodule(name).weight.copy_(w)
+    s = localize_heads(tmp_path / "base", q4)
+    assert s.scores.any()
+    assert s.scores.tobytes() == localize_heads(tmp_path / "base", ref).scores.tobytes()
