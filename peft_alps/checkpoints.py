@@ -276,17 +276,15 @@ class ModuleSource(AttentionSource):
 
         from .quantization import dequantized_weight, is_quantized_linear
 
-        from .quantization import restore_4bit_layout
-
         out = {}
         for proj in self.projections:
             module_name, module = self._modules[(index, proj)]
             if isinstance(module, BaseTunerLayer):
                 module = module.get_base_layer()
-            # a CPU 4-bit weight that bitsandbytes repacked for inference cannot be dequantized as is
-            restore_4bit_layout(module)
             with torch.no_grad():
-                if is_quantized_linear(module):  # bitsandbytes 4/8-bit etc.: this one layer, dequantized
+                # bitsandbytes 4/8-bit etc.: this one layer, dequantized (a CPU 4-bit weight that bitsandbytes
+                # repacked for inference is restored first, inside dequantized_weight)
+                if is_quantized_linear(module):
                     weight = dequantized_weight(module, dtype=None).to("cpu")
                 else:
                     weight = module.weight.detach().to("cpu")
