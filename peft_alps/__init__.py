@@ -14,6 +14,7 @@ from .layouts import HeadDims, HeadLayout, Projection, get_layout, register_layo
 from .model import AlpsModel
 from .model_card import install as install_model_card_hooks
 from .registration import register_alps
+from .warmup import WarmupCheckpoint, warmup
 
 register_alps(AlpsConfig, AlpsModel)
 install_model_card_hooks()
@@ -42,4 +43,6 @@ __all__ = [
     "select_random",
     "save_mixed_adapters",
     "supported_model_types",
+    "warmup",
+    "WarmupCheckpoint",
 ]

@@ -1,0 +1,234 @@
+"""Attention warm-up: only attention tensors train and are saved, the base stays untouched, bad data is named."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from peft_alps import synthetic
+from peft_alps.sft_data import ALPACA_PROMPT, DataError, alpaca_prompt, load_jsonl_dataset
+from peft_alps.warmup import WarmupCheckpoint, warmup
+from transformers import AutoModelForCausalLM
+
+from tests.tiny_models import VOCAB, llama_config, tiny_llama, tiny_qwen2
+
+ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def token_data(n=12, length=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, VOCAB, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def expected_attention_names(model, projections=ATTN, params=("weight",)):
+    """Written independently of the registry: every layer's self_attn projections."""
+    n = model.config.num_hidden_layers
+    return {f"model.layers.{i}.self_attn.{p}.{w}" for i in range(n) for p in projections for w in params}
+
+
+def test_only_attention_tensors_change_and_are_saved(tmp_path):
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    flags = {k: p.requires_grad for k, p in model.named_parameters()}
+
+    result = warmup(model, token_data(), steps=3, lr=1e-2, batch_size=4, progress=False, output_dir=tmp_path)
+
+    # the checkpoint holds exactly the attention weights, and every one of them moved
+    assert set(result.tensors) == expected_attention_names(model)
+    for name, tensor in result.tensors.items():
+        assert tensor.shape == before[name].shape
+        assert not torch.equal(tensor, before[name]), name
+    # the model handed in is bitwise what it was, flags and mode included
+    after = model.state_dict()
+    assert set(after) == set(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert {k: p.requires_grad for k, p in model.named_parameters()} == flags
+    assert not model.training
+    assert not any(hasattr(m, "parametrizations") for m in model.modules())
+
+    # on disk: config.json + safetensors with only those names + metadata
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "warmup.json"]
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert set(f.keys()) == expected_attention_names(model)
+        for name in f.keys():
+            assert torch.equal(f.get_tensor(name), result.tensors[name])
+    meta = json.loads((tmp_path / "warmup.json").read_text())
+    assert meta["steps"] == 3 and meta["checkpoint_bytes"] == (tmp_path / "model.safetensors").stat().st_size
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "llama"
+    loaded = WarmupCheckpoint.load(tmp_path)
+    assert set(loaded.tensors) == set(result.tensors)
+
+
+def test_rest_of_the_network_is_frozen_during_training():
+    """Apply the warm-up tensors to a copy of the base: non-attention outputs of the copy's weights are the base's,
+    and a forward pass of the patched model differs from the base (the attention change is real)."""
+    model = tiny_llama(layers=2)
+    result = warmup(model, token_data(), steps=2, lr=1e-2, batch_size=4, progress=False)
+    patched = copy.deepcopy(model)
+    missing, unexpected = patched.load_state_dict(result.tensors, strict=False)
+    assert not unexpected
+    assert set(missing) == set(model.state_dict()) - set(result.tensors)
+    x = torch.randint(0, VOCAB, (1, 8))
+    with torch.no_grad():
+        assert not torch.allclose(patched(x).logits, model(x).logits)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_fused_step_matches_a_plain_adamw_loop(checkpointing):
+    """Oracle: a textbook loop (attention weights trainable, torch AdamW, constant lr, same batch)."""
+    data = token_data(n=4)
+    model = tiny_llama(layers=2)
+    result = warmup(
+        model, data, steps=2, lr=5e-3, batch_size=4, warmup_ratio=0.0, min_lr_ratio=1.0,
+        gradient_checkpointing=checkpointing, progress=False,
+    )
+
+    reference = tiny_llama(layers=2)
+    reference.requires_grad_(False)
+    params = [p for n, p in reference.named_parameters() if any(a in n for a in ATTN)]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=5e-3, weight_decay=0.0)
+    x = torch.tensor(data)
+    order = torch.randperm(4, generator=torch.Generator().manual_seed(0))  # any order: one full batch per step
+    reference.train()
+    for _ in range(2):
+        reference(input_ids=x[order], labels=x[order]).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    ref = reference.state_dict()
+    for name, tensor in result.tensors.items():
+        torch.testing.assert_close(tensor, ref[name], rtol=1e-5, atol=1e-6)
+
+
+def test_qwen2_biases_and_projection_subset():
+    model = tiny_qwen2()
+    result = warmup(model, token_data(), steps=2, lr=1e-2, projections=("q", "k", "v"), progress=False)
+    names = expected_attention_names(model, ("q_proj", "k_proj", "v_proj"), ("weight", "bias"))
+    assert set(result.tensors) == names
+
+
+def test_bf16_base_keeps_small_updates_in_float32():
+    model = tiny_llama(layers=1).to(torch.bfloat16)
+    result = warmup(model, token_data(), steps=2, lr=1e-4, batch_size=4, progress=False)
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert result.tensors[name].dtype == torch.float32
+    delta = result.tensors[name] - model.state_dict()[name].float()
+    assert delta.abs().max() > 0  # an lr-1e-4 step is below bf16 resolution; the float32 delta keeps it
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+
+
+def test_budget_fraction_and_steps():
+    data = token_data(n=40)
+    model = tiny_llama(layers=1)
+    r = warmup(model, data, fraction=0.1, batch_size=3, progress=False)
+    assert r.metadata["examples_seen"] == 4 and r.metadata["steps"] == 2  # ceil(0.1 * 40) = 4 -> batches 3 + 1
+    r = warmup(model, data, steps=5, batch_size=3, progress=False)
+    assert r.metadata["steps"] == 5 and r.metadata["examples_seen"] == 15
+    assert len(r.metadata["losses"]) == 5
+
+
+def test_synthetic_examples_train_on_the_answer():
+    config = llama_config(layers=1)
+    config.vocab_size = synthetic.VOCAB_SIZE
+    model = AutoModelForCausalLM.from_config(config)
+    examples = synthetic.make_examples("reverse", 16, seed=0)
+    r = warmup(model, examples, steps=2, batch_size=8, lr=1e-2, progress=False)
+    assert r.metadata["num_examples"] == 16
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"steps": 2, "fraction": 0.5}, "either steps or fraction"),
+        ({"fraction": 0.0}, r"fraction must be in \(0, 1\], got 0.0"),
+        ({"fraction": 1.5}, r"fraction must be in \(0, 1\], got 1.5"),
+        ({"steps": 0}, "steps must be a positive integer, got 0"),
+        ({"lr": -1.0}, "lr must be positive"),
+        ({"projections": ("q", "x")}, "subset of"),
+        ({"optimizer": "sgd"}, "optimizer must be one of"),
+    ],
+)
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        warmup(tiny_llama(layers=1), token_data(n=2), progress=False, **kwargs)
+
+
+def test_too_long_sequence_needs_truncate():
+    model = tiny_llama(layers=1)  # max_position_embeddings = 128
+    data = token_data(n=2, length=10) + [list(range(4, 4 + 90)) * 2]
+    with pytest.raises(DataError, match=r"train_dataset\[2\]: sequence of 180 tokens .* limit of 128 .*truncate"):
+        warmup(model, data, steps=1, progress=False)
+    r = warmup(model, data, steps=1, truncate=True, progress=False)
+    assert r.metadata["steps"] == 1
+
+
+# ----------------------------------------------------------------------------------------------- JSONL data
+
+
+class CharTokenizer:
+    """Minimal stand-in with the tokenizer call signature: one token per character."""
+
+    eos_token_id = 3
+
+    def __call__(self, text, add_special_tokens=True):
+        return {"input_ids": ([1] if add_special_tokens else []) + [4 + ord(c) % 90 for c in text]}
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return path
+
+
+def test_alpaca_records_use_the_template_and_learn_only_the_response(tmp_path):
+    f = write_lines(tmp_path / "d.jsonl", [
+        json.dumps({"instruction": "Add", "input": "2 3", "output": "5"}),
+        json.dumps({"instruction": "Say hi", "output": "hi"}),
+        "",
+        json.dumps({"text": "plain"}),
+    ])
+    tok = CharTokenizer()
+    data = load_jsonl_dataset(f, tok)
+    assert len(data) == 3
+    prompt = ALPACA_PROMPT.format(instruction="Add", input="2 3")
+    assert prompt.startswith("Below is an instruction") and prompt.endswith("### Response:\n")
+    assert "### Input:\n2 3" in prompt and "### Input" not in alpaca_prompt("Say hi")
+    n_prompt = 1 + len(prompt)
+    assert data[0]["input_ids"] == tok(prompt)["input_ids"] + tok("5", add_special_tokens=False)["input_ids"] + [3]
+    assert data[0]["labels"][:n_prompt] == [-100] * n_prompt
+    assert data[0]["labels"][n_prompt:] == data[0]["input_ids"][n_prompt:]
+    assert data[2]["labels"] == data[2]["input_ids"]  # plain text: loss on everything
+
+
+@pytest.mark.parametrize(
+    "lines, match",
+    [
+        ([json.dumps({"text": "ok"}), json.dumps({"instruction": "x", "input": ""})], r"d.jsonl:2: missing field 'output'"),
+        ([json.dumps({"prompt": "x"})], r"d.jsonl:1: no usable field; expected \{\"text\""),
+        ([json.dumps({"text": "ok"}), "", '{"text": "unterminated'], r"d.jsonl:3: invalid JSON"),
+        (["[1, 2]"], r"d.jsonl:1: expected a JSON object, got list"),
+        ([json.dumps({"text": 5})], r"d.jsonl:1: field 'text' must be a string, got int"),
+        ([], r"d.jsonl: the file contains no records"),
+        (["", "  "], r"d.jsonl: the file contains no records"),
+        ([json.dumps({"text": "x" * 50})], r"d.jsonl:1: sequence of 52 tokens is longer than the model's limit of 20"),
+    ],
+)
+def test_bad_jsonl_names_the_line_and_the_fields(tmp_path, lines, match):
+    f = write_lines(tmp_path / "d.jsonl", lines)
+    with pytest.raises(DataError, match=match):
+        load_jsonl_dataset(f, CharTokenizer(), max_length=20)
+
+
+def test_truncate_and_missing_tokenizer(tmp_path):
+    f = write_lines(tmp_path / "d.jsonl", [json.dumps({"text": "x" * 50})])
+    assert len(load_jsonl_dataset(f, CharTokenizer(), max_length=20, truncate=True)[0]["input_ids"]) == 20
+    with pytest.raises(DataError, match=r"d.jsonl:1: this record holds text, but no tokenizer"):
+        load_jsonl_dataset(f, None)
+    with pytest.raises(DataError, match="does not exist"):
+        load_jsonl_dataset(tmp_path / "nope.jsonl", None)
+    g = write_lines(tmp_path / "ids.jsonl", [json.dumps({"input_ids": [1, 5, 6, 3]})])
+    assert load_jsonl_dataset(g, None) == [{"input_ids": [1, 5, 6, 3], "labels": [1, 5, 6, 3]}]
