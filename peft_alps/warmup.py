@@ -18,7 +18,9 @@ Memory stays close to LoRA's:
 - ``optimizer="adamw8bit"`` (bitsandbytes) stores the Adam moments in 8 bits.
 
 The model passed in is left exactly as it was: weights, ``requires_grad`` flags, train/eval mode and gradient
-checkpointing are all restored when the warm-up ends.
+checkpointing are all restored when the warm-up ends. With ``in_place=True`` (what ``peft-alps warmup`` uses,
+since it loads a throwaway copy) float32 attention weights are trained directly instead, which saves the delta
+buffers.
 """
 
 from __future__ import annotations
@@ -241,6 +243,21 @@ def _make_optimizer(name: str, params: list[nn.Parameter], lr: float, weight_dec
     return bnb.optim.AdamW8bit(params, lr=lr, betas=(0.9, 0.999), weight_decay=weight_decay)
 
 
+def _schedule(total: int, warmup_ratio: float, min_lr_ratio: float):
+    """Learning-rate factor per step: linear warm-up, then cosine to ``min_lr_ratio``. Unlike the usual
+    transformers schedule, step 0 already trains (at ``1 / warmup steps``): a warm-up of a handful of steps must
+    not spend one of them at lr 0."""
+    warm = math.ceil(warmup_ratio * total)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, total - warm)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
 def _checkpointing_on(model: nn.Module) -> bool:
     for name in ("is_activation_checkpointing", "is_gradient_checkpointing"):  # transformers v5 renamed it
         if hasattr(type(model), name):
@@ -279,6 +296,7 @@ def warmup(
     max_length: int | None = None,
     truncate: bool = False,
     seed: int = 0,
+    in_place: bool = False,
     output_dir: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> WarmupCheckpoint:
@@ -302,6 +320,9 @@ def warmup(
         max_length: longest sequence accepted (default: ``config.max_position_embeddings``); longer examples
             are an error unless ``truncate=True``.
         seed: data order and subset.
+        in_place: train float32/float64 attention weights of ``model`` directly instead of through deltas. Saves
+            one attention-sized buffer, but ``model`` ends up warmed up (the returned tensors share its memory on
+            the CPU). Half-precision weights are always trained through float32 deltas.
         output_dir: when given, the checkpoint is saved there (and ``.path`` set).
         progress: show a tqdm bar with the running loss.
     """
@@ -347,7 +368,7 @@ def warmup(
     was_training = model.training
     requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
     gc_was_on = _checkpointing_on(model)
-    deltas: dict[str, nn.Parameter] = {}
+    trained: dict[str, nn.Parameter] = {}  # checkpoint name -> the tensor the optimizer updates
     losses: list[float] = []
     hooks = []
     try:
@@ -357,26 +378,24 @@ def warmup(
                 tensor = getattr(module, pname, None)
                 if not isinstance(tensor, torch.Tensor):
                     continue
+                if in_place and tensor.dtype in (torch.float32, torch.float64):
+                    tensor.requires_grad_(True)  # train the weight itself: no delta, no copy
+                    trained[f"{mod_name}.{pname}"] = tensor
+                    continue
                 dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
                 parametrize.register_parametrization(module, pname, _FrozenPlusDelta(tensor, dtype))
-                deltas[f"{mod_name}.{pname}"] = getattr(module.parametrizations, pname)[0].delta
+                trained[f"{mod_name}.{pname}"] = getattr(module.parametrizations, pname)[0].delta
 
         # Optimizer step inside backward: each delta is updated, and its gradient freed, as soon as it is final.
-        from transformers import get_cosine_with_min_lr_schedule_with_warmup
-
-        optimizers = {p: _make_optimizer(optimizer, [p], lr, weight_decay) for p in deltas.values()}
-        schedulers = [
-            get_cosine_with_min_lr_schedule_with_warmup(
-                opt, math.ceil(warmup_ratio * total), total, min_lr_rate=min_lr_ratio
-            )
-            for opt in optimizers.values()
-        ]
+        optimizers = {p: _make_optimizer(optimizer, [p], lr, weight_decay) for p in trained.values()}
+        factor = _schedule(total, warmup_ratio, min_lr_ratio)
+        schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in optimizers.values()]
 
         def step_and_free(param: torch.Tensor) -> None:
             optimizers[param].step()
             optimizers[param].zero_grad(set_to_none=True)
 
-        hooks = [p.register_post_accumulate_grad_hook(step_and_free) for p in deltas.values()]
+        hooks = [p.register_post_accumulate_grad_hook(step_and_free) for p in trained.values()]
 
         if gradient_checkpointing and not gc_was_on:
             _set_checkpointing(model, True)
@@ -401,8 +420,15 @@ def warmup(
         tensors = {}
         with torch.no_grad():
             for mod_name, module in modules.items():
-                for pname, plist in module.parametrizations.items():
-                    tensors[f"{mod_name}.{pname}"] = (plist.original.to(plist[0].delta.dtype) + plist[0].delta).cpu()
+                for pname in ("weight", "bias"):
+                    name = f"{mod_name}.{pname}"
+                    if name not in trained:
+                        continue
+                    plist = getattr(getattr(module, "parametrizations", None), pname, None)
+                    if plist is None:  # trained in place
+                        tensors[name] = trained[name].detach().cpu()
+                    else:
+                        tensors[name] = (plist.original.to(plist[0].delta.dtype) + plist[0].delta).cpu()
     finally:
         for handle in hooks:
             handle.remove()
@@ -439,6 +465,7 @@ def warmup(
             "optimizer": optimizer,
             "gradient_checkpointing": gradient_checkpointing,
             "seed": seed,
+            "in_place": in_place,
             "loss_first": losses[0],
             "loss_last": losses[-1],
             "losses": [round(x, 5) for x in losses],
@@ -473,9 +500,10 @@ def add_warmup_arguments(parser) -> None:
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
                         help="dtype to load the base in (the trained deltas are float32 regardless)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 
 
-def run_warmup_command(args) -> WarmupCheckpoint:
+def run_warmup_command(args) -> int:
     """``peft-alps warmup``: validate the data before loading the weights, warm up, save, print the next step."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -510,7 +538,9 @@ def run_warmup_command(args) -> WarmupCheckpoint:
         max_length=limit,
         truncate=args.truncate,
         seed=args.seed,
+        in_place=True,  # this model is ours to change: no delta buffers for a float32 base
         output_dir=args.output,
+        progress=not args.no_progress,
     )
     meta = result.metadata
     meta["base_model"] = base
@@ -519,6 +549,6 @@ def run_warmup_command(args) -> WarmupCheckpoint:
         f"warm-up: {meta['steps']} steps on {meta['examples_seen']} of {meta['num_examples']} examples, "
         f"loss {meta['loss_first']:.4f} -> {meta['loss_last']:.4f}\n"
         f"saved {len(result.tensors)} attention tensors ({meta['checkpoint_bytes'] / 2**20:.2f} MiB) to {args.output}\n"
-        f"next: peft-alps localize --base {base} --task {args.output}"
+        f"next: peft-alps localize --base {base} --task {args.output} --output heads.json"
     )
-    return result
+    return 0

@@ -77,15 +77,18 @@ def test_rest_of_the_network_is_frozen_during_training():
         assert not torch.allclose(patched(x).logits, model(x).logits)
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
-def test_fused_step_matches_a_plain_adamw_loop(checkpointing):
+@pytest.mark.parametrize("checkpointing, in_place", [(False, False), (True, True)])
+def test_fused_step_matches_a_plain_adamw_loop(checkpointing, in_place):
     """Oracle: a textbook loop (attention weights trainable, torch AdamW, constant lr, same batch)."""
     data = token_data(n=4)
     model = tiny_llama(layers=2)
     result = warmup(
         model, data, steps=2, lr=5e-3, batch_size=4, warmup_ratio=0.0, min_lr_ratio=1.0,
-        gradient_checkpointing=checkpointing, progress=False,
+        gradient_checkpointing=checkpointing, in_place=in_place, progress=False,
     )
+    if in_place:  # the model itself now holds the warmed-up weights
+        state = model.state_dict()
+        assert all(torch.equal(state[name], tensor) for name, tensor in result.tensors.items())
 
     reference = tiny_llama(layers=2)
     reference.requires_grad_(False)
@@ -232,3 +235,82 @@ def test_truncate_and_missing_tokenizer(tmp_path):
         load_jsonl_dataset(tmp_path / "nope.jsonl", None)
     g = write_lines(tmp_path / "ids.jsonl", [json.dumps({"input_ids": [1, 5, 6, 3]})])
     assert load_jsonl_dataset(g, None) == [{"input_ids": [1, 5, 6, 3], "labels": [1, 5, 6, 3]}]
+
+
+# ----------------------------------------------------------------------------------------------- command line
+
+
+def word_tokenizer():
+    """A tiny offline WordLevel tokenizer (vocabulary fits the tiny models' 97 ids)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = "below is an instruction that describes a task write response appropriately completes the request".split()
+    words += "paired with input provides further context . , : # Instruction Input Response add two numbers".split()
+    words += [str(i) for i in range(20)] + "say hello hi world reverse this text".split()
+    vocab = {tok: i for i, tok in enumerate(["[PAD]", "[UNK]", "<s>", "</s>", *dict.fromkeys(words)])}
+    assert len(vocab) <= VOCAB
+    core = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, unk_token="[UNK]", pad_token="[PAD]", bos_token="<s>", eos_token="</s>"
+    )
+
+
+@pytest.fixture(scope="module")
+def base_with_tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base")
+    tiny_llama(layers=2).save_pretrained(path)
+    word_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_cli_warmup_then_localize(base_with_tokenizer, tmp_path, capsys):
+    from peft_alps.cli import main
+    from peft_alps.scores import HeadScores
+
+    records = [{"instruction": "add two numbers", "input": f"{i} {i + 1}", "output": str(2 * i + 1)} for i in range(9)]
+    records += [{"text": "say hello world"}]
+    data = write_lines(tmp_path / "train.jsonl", [json.dumps(r) for r in records])
+    out = tmp_path / "task-attn"
+    assert main(["warmup", "--base", str(base_with_tokenizer), "--data", str(data), "--steps", "2",
+                 "--batch-size", "4", "--lr", "1e-2", "--output", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "saved 8 attention tensors" in printed and f"--task {out}" in printed
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert len(list(f.keys())) == 8 and all(".self_attn." in k for k in f.keys())
+
+    heads = tmp_path / "heads.json"
+    assert main(["localize", "--base", str(base_with_tokenizer), "--task", str(out), "--output", str(heads),
+                 "--no-progress"]) == 0
+    scores = HeadScores.load(heads)
+    assert scores.scores.shape == (2, 8) and (scores.scores > 0).all()
+
+
+def test_cli_bad_data_is_one_clear_error(base_with_tokenizer, tmp_path, capsys):
+    from peft_alps.cli import main
+
+    data = write_lines(tmp_path / "bad.jsonl", [json.dumps({"text": "hi"}), json.dumps({"instruction": "x"})])
+    code = main(["warmup", "--base", str(base_with_tokenizer), "--data", str(data), "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 1 and "bad.jsonl:2: missing field 'output'" in err and '{"text": ...}' in err
+    assert not (tmp_path / "o").exists()
+
+    long = write_lines(tmp_path / "long.jsonl", [json.dumps({"text": " ".join(["hi"] * 200)})])
+    args = ["warmup", "--base", str(base_with_tokenizer), "--data", str(long), "--output", str(tmp_path / "o")]
+    assert main(args) == 1
+    assert "long.jsonl:1: sequence of 201 tokens is longer than the model's limit of 128" in capsys.readouterr().err
+    assert main([*args, "--truncate", "--steps", "1", "--no-progress"]) == 0
+
+
+def test_cli_text_needs_a_tokenizer(tmp_path, capsys):
+    from peft_alps.cli import main
+
+    base = tmp_path / "base"
+    tiny_llama(layers=1).save_pretrained(base)
+    data = write_lines(tmp_path / "d.jsonl", [json.dumps({"text": "hi"})])
+    assert main(["warmup", "--base", str(base), "--data", str(data), "--output", str(tmp_path / "o")]) == 1
+    assert "d.jsonl:1: this record holds text, but no tokenizer is available" in capsys.readouterr().err
+    ids = write_lines(tmp_path / "ids.jsonl", [json.dumps({"input_ids": [1, 5, 9, 3]})] * 4)
+    assert main(["warmup", "--base", str(base), "--data", str(ids), "--steps", "1", "--output",
+                 str(tmp_path / "o"), "--no-progress"]) == 0
