@@ -1,4 +1,4 @@
-"""``peft-alps`` command line: ``peft-alps localize ...`` and ``peft-alps demo``.
+"""``peft-alps`` command line: ``peft-alps localize ...``, ``peft-alps warmup ...`` and ``peft-alps demo``.
 
 Each subcommand is one ``add_<name>_command(subparsers)`` function that builds its parser and sets
 ``run=<function(args) -> exit code>``; to add a subcommand, write such a function and append it to
@@ -80,6 +80,24 @@ def print_top_heads(scores, count: int, limit: int = 20) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------------------ warmup
+
+
+def add_warmup_command(subparsers) -> None:
+    from .warmup import add_warmup_arguments, run_warmup_command
+
+    p = subparsers.add_parser(
+        "warmup",
+        help="no task model? fine-tune only the attention briefly and save that as one (attention tensors only)",
+        description="Fine-tune only the attention projections of BASE on a small share of your data (default 10%, "
+        "one pass) and save the changed attention tensors + config.json as a task checkpoint for "
+        "'peft-alps localize --base BASE --task OUTPUT'. DATA is JSONL: {\"text\": ...} or {\"instruction\", "
+        "\"input\", \"output\"} (Alpaca template); text needs the base's tokenizer in its folder.",
+    )
+    add_warmup_arguments(p)
+    p.set_defaults(run=run_warmup_command)
+
+
 # ------------------------------------------------------------------------------------------------ demo
 
 
@@ -122,7 +140,7 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------------ main
 
-COMMANDS: list[Callable] = [add_localize_command, add_demo_command]
+COMMANDS: list[Callable] = [add_localize_command, add_warmup_command, add_demo_command]
 
 
 def build_parser() -> argparse.ArgumentParser:
