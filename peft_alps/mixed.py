@@ -87,6 +87,8 @@ _GATE_READERS = (
 
 def check_internals(peft_version: Optional[str] = None) -> list[str]:
     """Everything that differs from the PEFT internals :func:`install` relies on (empty list: all as expected)."""
+    if not _BASE_FOUND:
+        return [f"peft's mixed-model module cannot be used ({_BASE_ERROR})"]
     import peft
     import peft.mixed_model as mixed_model
     import peft.tuners.mixed as mixed_pkg
@@ -143,17 +145,23 @@ def check_internals(peft_version: Optional[str] = None) -> list[str]:
 
 # --------------------------------------------------------------------------------------------- the tuner
 
-def _original_mixed_model() -> type:
-    import peft.tuners.mixed.model as mm
+def _original_mixed_model() -> tuple[type, str]:
+    """PEFT's MixedModel, or a placeholder and the reason (then :func:`install` refuses, loudly)."""
+    try:
+        import peft.tuners.mixed.model as mm
 
-    return mm.MixedModel
+        base = mm.MixedModel
+    except (ImportError, AttributeError) as exc:
+        return nn.Module, f"{type(exc).__name__}: {exc}"
+    return (base, "") if isinstance(base, type) else (nn.Module, "MixedModel is not a class")
 
 
 def _is_alps(config: Any) -> bool:
     return isinstance(config, AlpsConfig)
 
 
-_Base = _original_mixed_model()
+_Base, _BASE_ERROR = _original_mixed_model()
+_BASE_FOUND = not _BASE_ERROR
 
 
 class AlpsMixedModel(_Base):

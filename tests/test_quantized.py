@@ -290,3 +290,18 @@ def test_localization_of_in_memory_4bit_models(tmp_path, base_dir):
     assert after.ranking()[0] == (1, 5)
     # the repacking rounds block scales to bf16 (2^-8 relative); scores move by about that much, not more
     assert abs(after.scores - expected).max() <= 0.05 * abs(expected).max()
+
+
+def test_export_from_4bit_training_serves_as_lora_on_the_4bit_base(base_dir, tmp_path):
+    from peft_alps import export_to_lora
+    from peft_alps.quantization import keep_cpu_4bit_trainable
+
+    model = get_peft_model(load(base_dir, "4bit"), AlpsConfig(target_heads=HEADS, init_weights=False))
+    expected = logits(model)
+    export_to_lora(model, tmp_path / "lora")
+    fresh = load(base_dir, "4bit")
+    keep_cpu_4bit_trainable(fresh)  # same CPU kernel as the ALPS model, so only the adapter path differs
+    lora = PeftModel.from_pretrained(fresh, tmp_path / "lora")
+    assert lora.peft_config["default"].peft_type == "LORA"
+    assert isinstance(attn(lora, 0).q_proj.base_layer, bnb.nn.Linear4bit)
+    torch.testing.assert_close(logits(lora), expected, rtol=1e-5, atol=1e-5)
