@@ -50,6 +50,21 @@ def validate_target_heads(target_heads: dict[int, list[int]], dims: HeadDims) ->
                 )
 
 
+def check_one_module_per_slot(layout: HeadLayout, keys: list[str], model_type: str) -> None:
+    """Refuse two modules that claim the same (layer, projection), e.g. a multimodal model whose vision tower also
+    has ``layers.N.self_attn.q_proj``: its heads have another geometry than the text model the layout describes."""
+    owner: dict = {}
+    for key in keys:
+        slot = layout.match(key)
+        if slot in owner:
+            raise ValueError(
+                f"modules {owner[slot]!r} and {key!r} both match layer {slot[0]}'s {slot[1].path} of the "
+                f"{model_type} head layout; only one sub-model's attention can be targeted (a vision tower next to "
+                "the language model?). Leave the other out, e.g. exclude_modules=r'.*vision_tower.*'."
+            )
+        owner[slot] = key
+
+
 def head_layout_record(config: Any, dims: HeadDims) -> dict[str, Any]:
     return {"model_type": config.get_text_config().model_type, **dims.as_dict()}
 
@@ -212,6 +227,7 @@ class AlpsModel(BaseTuner):
                 f"target_modules={sorted(peft_config.target_modules) if not isinstance(peft_config.target_modules, str) else peft_config.target_modules!r} "
                 f"matched no attention projection; valid ones are {layout.default_target_modules}"
             )
+        check_one_module_per_slot(layout, [key for key, _ in matched], record["model_type"])
         peft_config.head_layout = record
         self._check_saved_weights(peft_config, layout, dims, matched)
         # bitsandbytes' CPU inference repacking of 4-bit weights breaks gradients and merging; keep it off.

@@ -7,6 +7,7 @@ out which rows/columns a set of heads owns. The registry is never used to build 
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -395,6 +396,24 @@ def test_leaf_names_shared_with_the_mlp_are_refused_naming_the_attention_paths(f
         get_peft_model(base, AlpsConfig(target_heads=HEADS, target_modules=targets))
     assert valid in str(err.value)
     assert all(torch.equal(before[k], v) for k, v in state(base).items())  # nothing was replaced
+
+
+def test_a_second_sub_model_with_the_same_module_names_is_refused_until_excluded(tmp_path):
+    """Multimodal models hold a vision tower whose blocks also read ``layers.N.self_attn.q_proj``; wrapping or scoring
+    them with the text model's head slices would be wrong, so ALPS refuses and says how to leave them out."""
+    fam = FAMILIES[0]  # llama
+    base = fam.build()
+    base.vision_tower = copy.deepcopy(base.model)  # same module names under another prefix
+    with pytest.raises(ValueError, match="both match layer 0's self_attn.[qkv]_proj.*language model alone"):
+        peft_alps.localize_heads(base, base)
+    base.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="both match layer 0's self_attn.[qkv]_proj.*language model alone"):
+        peft_alps.localize_heads(tmp_path, tmp_path)
+    with pytest.raises(ValueError, match="both match layer 0's self_attn.q_proj.*exclude_modules"):
+        get_peft_model(base, AlpsConfig(target_heads=HEADS))
+    model = get_peft_model(base, AlpsConfig(target_heads=HEADS, exclude_modules=r".*vision_tower.*"))
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, peft_alps.AlpsLayer)}
+    assert wrapped and not any("vision_tower" in n for n in wrapped)
 
 
 def test_registering_over_a_built_in_family_needs_override(monkeypatch):
