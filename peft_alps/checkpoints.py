@@ -83,6 +83,17 @@ def _open_safetensors(path: str | os.PathLike):
         ) from err
 
 
+def _claim(slots: dict, slot: tuple[int, Projection], name: str, value: Any, source: AttentionSource) -> None:
+    """Refuse a second tensor/module for the same (layer, projection): e.g. a multimodal model whose vision tower
+    also has ``layers.N.self_attn.q_proj`` (added by the architectures helper; silently overwriting mixed them)."""
+    if slot in slots and slots[slot][0] != name:
+        raise ValueError(
+            f"{source.name!r}: {slots[slot][0]!r} and {name!r} both match layer {slot[0]}'s {slot[1].path} of the "
+            f"{source.config.model_type} head layout (a vision tower next to the language model?). Localize the "
+            "language model alone: pass its sub-model (e.g. model.language_model) or a checkpoint of it."
+        )
+
+
 def _check_finite(tensor: torch.Tensor, name: str, where: str) -> torch.Tensor:
     # one float64 sum is NaN/inf iff some entry is (weights never come near 1e308); much cheaper than isfinite()
     if tensor.is_floating_point() and not math.isfinite(float(tensor.sum(dtype=torch.float64))):
@@ -117,6 +128,7 @@ class SafetensorsSource(AttentionSource):
                 continue
             layer, proj, _ = found
             if layer < self.dims.num_layers:
+                _claim(index, (layer, proj), tensor_name, (tensor_name, path), self)
                 index[(layer, proj)] = (tensor_name, path)
                 prefix = prefix or tensor_name[: tensor_name.index(f"{self.layout.layers}.{layer}.")]
         missing = [
@@ -259,6 +271,7 @@ class ModuleSource(AttentionSource):
         for module_name, module in model.named_modules():
             found = self.layout.match(module_name)
             if found and found[1].role in SCORED_ROLES and found[0] < self.dims.num_layers:
+                _claim(self._modules, found, module_name, (module_name, module), self)
                 self._modules[found] = (module_name, module)
         missing = [
             f"{self.layout.layers}.{layer}.{proj.path}"
