@@ -71,12 +71,24 @@ def _factors(layer: AlpsLayer, adapter_name: str, dtype: Optional[torch.dtype]) 
     return selection, delta  # lora_A = E_C^T [n, in], lora_B = D [out, n]
 
 
+def _transformers_model(peft_model: nn.Module) -> nn.Module:
+    """The model the adapter sits in (``PeftModel`` and ``PeftMixedModel`` both keep it at ``base_model.model``)."""
+    tuner = getattr(peft_model, "base_model", None)
+    inner = getattr(tuner, "model", None)
+    return inner if isinstance(inner, nn.Module) else peft_model
+
+
 def _collect(peft_model: nn.Module, adapter_name: str, dtype: Optional[torch.dtype]) -> list[_Head]:
+    from .mixed import _canonical_module_names
+
     heads = []
-    model = peft_model.get_base_model() if hasattr(peft_model, "get_base_model") else peft_model
+    model = _transformers_model(peft_model)
+    # in a mixed model, an ALPS layer wrapped by another tuner sits at ``<name>.base_layer``
+    canonical = _canonical_module_names(model)
     for name, module in model.named_modules():
         if not isinstance(module, AlpsLayer) or adapter_name not in module.alps_delta:
             continue
+        name = canonical.get(name, name)
         lora_a, lora_b = _factors(module, adapter_name, dtype)
         bias = module.get_delta_bias(adapter_name)
         if bias is not None:
@@ -176,7 +188,14 @@ def export_to_lora(
             "a projection without a bias of its own."
         )
 
-    state: dict[str, torch.Tensor] = {}
+    extra = _modules_to_save_state(peft_model, adapter_name)
+    if extra:
+        warnings.warn(
+            f"ALPS adapter {adapter_name!r} also trains modules_to_save={sorted(alps_config.modules_to_save)}; they "
+            "are exported as PEFT saves them. PEFT loads them; LoRA serving engines generally do not."
+        )
+
+    state: dict[str, torch.Tensor] = dict(extra)
     rank_pattern: dict[str, int] = {}
     for head in heads:
         r = head.rank if per_module_ranks else rank
@@ -200,6 +219,7 @@ def export_to_lora(
         bias="none",
         lora_bias=use_bias,
         fan_in_fan_out=transposed.pop(),
+        modules_to_save=list(alps_config.modules_to_save) if extra else None,
         task_type=alps_config.task_type,
         base_model_name_or_path=alps_config.base_model_name_or_path,
         revision=alps_config.revision,
@@ -212,6 +232,16 @@ def export_to_lora(
     lora_config.save_pretrained(str(out))
     _record_provenance(out, alps_config, per_module_ranks)
     return out
+
+
+def _modules_to_save_state(peft_model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """The adapter's ``modules_to_save`` copies, keyed as PEFT saves them (the same for every adapter type)."""
+    if not getattr(peft_model.peft_config[adapter_name], "modules_to_save", None):
+        return {}
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(peft_model, adapter_name=adapter_name)
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items() if ".alps_" not in k}
 
 
 def _record_provenance(out: Path, alps_config: Any, per_module_ranks: bool) -> None:

@@ -240,3 +240,18 @@ def test_exported_modules_are_only_layers_with_heads(tmp_path):
     assert sorted(config["target_modules"]) == sorted(
         f"model.layers.{layer}.self_attn.{p}" for layer in HEADS for p in ("qkv_proj", "o_proj")
     )
+
+
+def test_modules_to_save_are_carried_over(tmp_path):
+    model = get_peft_model(build("llama"), AlpsConfig(target_heads=HEADS, modules_to_save=["lm_head"]))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model.train()
+    model(ids(), labels=ids()).loss.backward()
+    opt.step()
+    expected = logits(model)
+    with pytest.warns(UserWarning, match=r"modules_to_save=\['lm_head'\]"):
+        export_to_lora(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"] == ["lm_head"]
+    lora = PeftModel.from_pretrained(build("llama"), tmp_path)
+    torch.testing.assert_close(logits(lora), expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(logits(build("llama")), expected)  # the trained head matters for the outputs

@@ -154,6 +154,19 @@ def test_alps_first_then_lora_both_trainable():
     assert all(not torch.equal(params[n], w) for n, w in before.items())
 
 
+def test_alps_wrapped_by_lora_exports_under_its_plain_name(tmp_path):
+    model = get_peft_model(tiny_llama(), AlpsConfig(target_heads=ALPS_HEADS, init_weights=False), adapter_name="alps",
+                           mixed=True)
+    model.add_adapter("lora", lora_config())  # LoRA wraps the ALPS layer of q_proj: ALPS sits at q_proj.base_layer
+    model.set_adapter(["alps"])
+    expected = logits(model)
+    peft_alps.export_to_lora(model, tmp_path, adapter_name="alps")
+    keys = load_file(tmp_path / "adapter_model.safetensors")
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert not any("base_layer" in k for k in keys)
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(tiny_llama(), tmp_path)), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_set_adapter_lora_deactivates_and_freezes_alps(joint, tmp_path):
     joint.set_adapter(["lora", "alps"])
     train_steps(joint, steps=2)
@@ -264,3 +277,21 @@ def test_changed_peft_internal_fails_loudly(monkeypatch, target, attr, value, me
     monkeypatch.setattr(owner, attr, value)
     with pytest.raises(mixed.MixedSupportError, match=rf"peft {re.escape(peft.__version__)}: .*{message}"):
         mixed.install()
+
+
+def test_alps_of_a_mixed_model_exports_to_lora(joint, tmp_path):
+    """ALPS inside a mixed model (wrapping LoRA on q_proj) exports like a plain one; served next to the LoRA
+    adapter as two LoRA adapters, it reproduces the jointly trained model."""
+    joint.set_adapter(["lora", "alps"])
+    train_steps(joint, steps=2)
+    expected = logits(joint)
+    joint.set_adapter(["alps"])
+    alps_only = logits(joint)
+    peft_alps.export_to_lora(joint, tmp_path / "alps_as_lora", adapter_name="alps")
+    dirs = peft_alps.save_mixed_adapters(joint, tmp_path / "saved", adapter_names=["lora"])
+
+    served = PeftModel.from_pretrained(tiny_llama(), tmp_path / "alps_as_lora", adapter_name="alps")
+    torch.testing.assert_close(logits(served), alps_only, rtol=1e-5, atol=1e-5)
+    served.load_adapter(dirs["lora"], adapter_name="lora")
+    served.base_model.set_adapter(["lora", "alps"])
+    torch.testing.assert_close(logits(served), expected, rtol=1e-5, atol=1e-5)
