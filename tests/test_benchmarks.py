@@ -1,0 +1,135 @@
+"""The benchmark scripts' quick modes, shrunk to tiny sizes, so that they cannot rot.
+
+These tests check what the scripts produce (files, fields, parameter counts that follow from the method
+definitions), never how fast anything ran.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from benchmarks import localize_bench, reproduce, train_efficiency
+
+
+def _load(path):
+    assert path.exists(), f"{path} was not written"
+    return json.loads(path.read_text())
+
+
+def test_train_efficiency_tiny(tmp_path):
+    argv = ["--quick", "--width", "64", "--layers", "2", "--head-dim", "16", "--vocab", "128", "--batch", "1",
+            "--seq", "8", "--rounds", "1", "--forward-rounds", "1", "--sweep-rounds", "1", "--seqs", "8",
+            "--widths", "32", "--sweep-layers", "1", "--out", str(tmp_path), "--stem", "te"]
+    train_efficiency.main(argv)
+    data = _load(tmp_path / "te.json")
+    assert (tmp_path / "te.md").read_text().startswith("# Training efficiency")
+    assert (tmp_path / "te_seq.png").stat().st_size > 0 and (tmp_path / "te_width.png").stat().st_size > 0
+    main = data["main"]
+    tr = main["training"]
+    assert set(tr) == set(train_efficiency.METHODS)
+    # 2 layers x 4 heads: 10% -> ceil(0.8) = 1 head; 1 KV group of 16 rows in k and v.
+    assert main["selected_heads"] == 1 and main["total_heads"] == 8
+    d, dh = 64, 16
+    assert tr["alps"]["trainable_params"] == dh * d * 4  # q rows, k rows, v rows, o columns of one head
+    assert tr["masked"]["effective_trainable_params"] == tr["alps"]["trainable_params"]
+    assert tr["full"]["trainable_params"] == main["base_params"]
+    for name, r in tr.items():
+        # AdamW keeps exp_avg and exp_avg_sq (fp32) per trainable entry, plus a scalar step per tensor
+        assert 0 <= r["optimizer_state_bytes"] - 8 * r["trainable_params"] < 4096, name
+        assert r["peak_bytes"] >= r["resident_bytes"] > 0
+        assert r["saved_bytes"] > 0
+    assert tr["alps"]["saved_bytes"] < tr["masked"]["saved_bytes"] < tr["full"]["saved_bytes"]
+    assert {"base", "alps/unmerged", "alps/merged", "lora_eq/merged"} <= set(main["forward"])
+    assert set(data["targets"]["met"]) and all(isinstance(v, bool) for v in data["targets"]["met"].values())
+    assert len(data["seq_sweep"]) == 1 and len(data["width_sweep"]) == 1
+
+
+def test_train_efficiency_masked_recipe_keeps_other_heads_frozen():
+    """The paper-recipe baseline must really update only the selected slices (else its timing is not the recipe)."""
+    import torch
+
+    shape = train_efficiency.Shape(width=32, layers=2, head_dim=8, vocab=64)
+    base = train_efficiency.build_base(shape)
+    heads = {1: [2]}
+    model = train_efficiency.make_masked(base, heads)
+    trainer = train_efficiency.Trainer(model, torch.randint(0, 64, (1, 6)), lr=1e-2)
+    trainer.step()
+    trainer.step()
+    changed = {n for (n, p), q in zip(model.named_parameters(), base.parameters()) if not torch.equal(p, q)}
+    assert changed == {f"model.layers.1.self_attn.{p}_proj.weight" for p in "qkvo"}
+    q = dict(model.named_parameters())["model.layers.1.self_attn.q_proj.weight"]
+    q0 = dict(base.named_parameters())["model.layers.1.self_attn.q_proj.weight"]
+    rows_changed = sorted({int(i) for i in (q != q0).any(dim=1).nonzero().flatten()})
+    assert rows_changed == list(range(16, 24))  # head 2 of head_dim 8
+
+
+def test_localize_bench_tiny(tmp_path):
+    argv = ["--shapes", "2x4x64:2:float32", "--reps", "1", "--baseline-reps", "1", "--variants", "qkv_concat",
+            "--out", str(tmp_path), "--stem", "lb", "--workdir", str(tmp_path / "ckpt")]
+    localize_bench.main(argv)
+    data = _load(tmp_path / "lb.json")
+    assert (tmp_path / "lb.png").stat().st_size > 0
+    point = data["points"][0]
+    assert point["shape"]["attention_params"] == 2 * (2 * 64 * 64 + 2 * 64 * 32)
+    assert point["methods"]["baseline"]["seconds"]["n"] == 1
+    if data["ours_available"]:
+        assert point["agreement"]["max_rel_diff"] < 1e-3 and point["agreement"]["same_top10pct"]
+        assert "speedup_vs_baseline" in point["methods"]["ours:qkv_concat"]
+
+
+def test_localize_bench_baseline_matches_scipy_definition(tmp_path):
+    """The baseline's per-head score is W1 of the two softmaxed q/k/v vectors on the unit support."""
+    import numpy as np
+    import torch
+    from scipy.stats import wasserstein_distance
+    from safetensors.torch import load_file
+
+    shape = localize_bench.PairShape("t", 1, 4, 32, 2, dtype="float32", ffn=16, vocab=32)
+    base, task = localize_bench.build_pair(shape, tmp_path)
+    scores = localize_bench.authors_algorithm(str(base), str(task))
+    wb, wt = load_file(str(base / "model.safetensors")), load_file(str(task / "model.safetensors"))
+
+    def vec(w, h):
+        p = "model.layers.0.self_attn."
+        g = h // 2  # 4 heads, 2 KV groups
+        parts = [w[p + "q_proj.weight"][8 * h : 8 * h + 8], w[p + "k_proj.weight"][8 * g : 8 * g + 8],
+                 w[p + "v_proj.weight"][8 * g : 8 * g + 8]]
+        x = torch.cat([t.flatten() for t in parts]).to(torch.bfloat16).double()
+        return torch.softmax(x, 0).numpy()
+
+    for h in range(4):
+        pb, pt = vec(wb, h), vec(wt, h)
+        support = np.linspace(0, 1, len(pb))
+        assert scores[0][h] == pytest.approx(wasserstein_distance(support, support, pb, pt), rel=1e-4)
+
+
+def test_reproduce_tiny(tmp_path):
+    pytest.importorskip("peft_alps.localization", reason="needs peft_alps.localize_heads")
+    argv = ["--quick", "--width", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--ffn", "32",
+            "--pretrain-steps", "4", "--pretrain-examples", "64", "--sft-steps", "2", "--train-steps", "2",
+            "--train-examples", "32", "--eval-examples", "16", "--batch", "8", "--seeds", "0", "1",
+            "--methods", "full_attn", "alps_10", "alps_10_kl", "random_10", "lora_eq",
+            "--out", str(tmp_path), "--stem", "rp"]
+    reproduce.main(argv)
+    data = _load(tmp_path / "rp.json")
+    assert (tmp_path / "rp.png").stat().st_size > 0 and (tmp_path / "rp_heads.png").stat().st_size > 0
+    summ = data["summary"]
+    assert set(summ) == {"full_attn", "alps_10", "alps_10_kl", "random_10", "lora_eq", "transfer"}
+    assert data["total_heads"] == 8
+    chosen = sum(len(h) for h in data["selections"]["wasserstein"].values())
+    assert chosen == math.ceil(0.1 * 8)
+    for name in ("alps_10", "random_10"):
+        assert summ[name]["trainable_params"] == 4 * 8 * 32  # one head: q, k, v rows + o columns, head_dim 8
+    assert summ["full_attn"]["trainable_params"] == 2 * (2 * 32 * 32 + 2 * 32 * 16)
+    for name, r in summ.items():
+        if name == "transfer":
+            continue
+        assert r["task_accuracy"]["n"] == 2 and 0.0 <= r["task_accuracy"]["mean"] <= 1.0
+        assert math.isfinite(r["forgetting"]["mean"])
+    assert set(summ["transfer"]) == {"transfer_alps_10", "transfer_indomain_alps_10", "transfer_random_10",
+                                     "transfer_full_attn"}
+    md = (tmp_path / "rp.md").read_text()
+    assert "Table 1 / 5 analogue" in md and "Transfer" in md
