@@ -98,15 +98,20 @@ def build_base(shape: Shape, seed: int = 0):
     return model.float()
 
 
-def select_heads(shape: Shape, ratio: float, seed: int) -> dict[int, list[int]]:
+def select_heads(shape: Shape, ratio: float, seed: int, min_layer: int = 0) -> dict[int, list[int]]:
     """``ceil(ratio * heads)`` heads drawn at random over all layers (a localization result of the same size).
 
     Cost depends on how many heads are trained and on the lowest trained layer, not on which heads scored
-    best, so a seeded random draw stands in for a real localization here.
+    best, so a seeded random draw stands in for a real localization here. ``min_layer`` restricts the draw
+    to layers ``>= min_layer`` (same count), to show what stopping autograd early is worth.
     """
-    pairs = [(layer, head) for layer in range(shape.layers) for head in range(shape.heads)]
-    k = max(1, math.ceil(ratio * len(pairs)))
+    k = max(1, math.ceil(round(ratio * shape.layers * shape.heads, 9)))
+    pairs = [(layer, head) for layer in range(min_layer, shape.layers) for head in range(shape.heads)]
+    if k > len(pairs):
+        raise ValueError(f"{k} heads do not fit in layers {min_layer}..{shape.layers - 1}")
     chosen = random.Random(seed).sample(pairs, k)
+    if min_layer and min(layer for layer, _ in chosen) != min_layer:  # pin the lowest trained layer exactly
+        chosen[0] = (min_layer, chosen[0][1])
     heads: dict[int, list[int]] = {}
     for layer, head in sorted(chosen):
         heads.setdefault(layer, []).append(head)
@@ -310,10 +315,11 @@ def measure_forward(base, models: dict[str, Any], batch, rounds: int) -> dict[st
 # ------------------------------------------------------------------------------------------------ one config
 
 
-def run_point(shape: Shape, batch_size: int, seq: int, rounds: int, warmup: int, args, full: bool) -> dict[str, Any]:
+def run_point(shape: Shape, batch_size: int, seq: int, rounds: int, warmup: int, args, full: bool,
+              min_layer: int = 0) -> dict[str, Any]:
     base = build_base(shape, seed=args.seed)
     base.requires_grad_(False)
-    heads = select_heads(shape, args.ratio, args.seed)
+    heads = select_heads(shape, args.ratio, args.seed, min_layer=min_layer)
     models, info = build_methods(base, shape, heads, args.lora_qkv_rank)
     gen = torch.Generator().manual_seed(args.seed)
     batch = torch.randint(0, shape.vocab, (batch_size, seq), generator=gen)
@@ -405,18 +411,25 @@ def render(result: dict[str, Any]) -> str:
         ["unmerged forward overhead <= 15%", f"{100 * t['alps_unmerged_forward_overhead']:+.1f}%", t["met"]["unmerged forward overhead <= 15%"]],
         ["merged forward overhead 0%", f"{100 * t['alps_merged_forward_overhead']:+.1f}% (same modules as base)", t["met"]["merged forward overhead 0% (within noise)"]],
     ]))
-    for sweep, key in (("seq_sweep", "seq"), ("width_sweep", "width")):
+    titles = {"seq": "Growth with sequence length", "width": "Growth with model width",
+              "lowest_layer": "Lowest trained layer (same number of heads, drawn from layers >= it; main model)"}
+    for sweep, key in (("seq_sweep", "seq"), ("width_sweep", "width"), ("depth_sweep", "lowest_layer")):
         if not result.get(sweep):
             continue
-        lines += ["", f"Growth with {'sequence length' if key == 'seq' else 'model width'}: step ms (extra peak MiB)", ""]
+        lines += ["", f"{titles[key]}: step ms (extra peak MiB)", ""]
         rows = []
         for p in result[sweep]:
-            x = p["seq"] if key == "seq" else p["shape"]["width"]
+            x = p["seq"] if key == "seq" else (p["shape"]["width"] if key == "width" else p["lowest_trained_layer"])
             rows.append([x] + [
                 f"{p['training'][m]['step_s']['median'] * 1e3:.0f} ({C.mib(p['training'][m]['extra_peak_bytes']):.0f})"
                 for m in METHODS
             ])
-        lines.append(C.markdown_table([key] + [LABELS[m] for m in METHODS], rows))
+        if key == "lowest_layer":
+            for row, p in zip(rows, result[sweep]):
+                row.append(f"{1 / p['training']['masked']['step_ratio_to_alps']:.2f}x")
+            lines.append(C.markdown_table([key] + [LABELS[m] for m in METHODS] + ["ALPS / masked"], rows))
+        else:
+            lines.append(C.markdown_table([key] + [LABELS[m] for m in METHODS], rows))
     env = result["env"]
     lines += ["", f"Produced by `{env['command']}` at {env['utc']} UTC (commit {env['git_commit']}), "
               f"load average {env['loadavg_start']} -> {env['loadavg_end']}."]
@@ -472,6 +485,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seqs", type=int, nargs="*", help="sequence lengths of the sweep (empty: no sweep)")
     p.add_argument("--widths", type=int, nargs="*", help="widths of the sweep (empty: no sweep)")
     p.add_argument("--sweep-layers", type=int, help="layers of the width/sequence sweep models")
+    p.add_argument("--lowest-layers", type=int, nargs="*",
+                   help="lowest trained layers for the depth sweep on the main model (empty: no sweep)")
     p.add_argument("--ratio", type=float, default=0.1, help="share of heads ALPS trains")
     p.add_argument("--lora-qkv-rank", type=int, help="rank of the q/k/v LoRA baseline (default 128*width/2048)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 keeps a shared machine's noise down)")
@@ -480,10 +495,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stem", help="output file stem (default train_efficiency[_quick])")
     args = p.parse_args(argv)
     quick = {"width": 256, "layers": 4, "head_dim": 32, "vocab": 8192, "batch": 2, "seq": 128, "rounds": 5,
-             "forward_rounds": 10, "sweep_rounds": 3, "seqs": [64, 256], "widths": [128, 384], "sweep_layers": 2}
-    full = {"width": 512, "layers": 8, "head_dim": 64, "vocab": 16384, "batch": 2, "seq": 256, "rounds": 15,
-            "forward_rounds": 30, "sweep_rounds": 5, "seqs": [64, 128, 256, 512, 1024],
-            "widths": [256, 512, 768, 1024], "sweep_layers": 4}
+             "forward_rounds": 10, "sweep_rounds": 3, "seqs": [64, 256], "widths": [128, 384], "sweep_layers": 2, "lowest_layers": [2]}
+    full = {"width": 512, "layers": 4, "head_dim": 64, "vocab": 16384, "batch": 1, "seq": 256, "rounds": 8,
+            "forward_rounds": 15, "sweep_rounds": 3, "seqs": [64, 128, 256, 512],
+            "widths": [256, 512, 768, 1024], "sweep_layers": 2, "lowest_layers": [1, 2, 3]}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -511,6 +526,11 @@ def main(argv=None) -> dict[str, Any]:
         print(f"[train_efficiency] width sweep: width {width}", flush=True)
         shape_w = Shape(width=width, layers=args.sweep_layers, head_dim=args.head_dim, vocab=args.vocab)
         result["width_sweep"].append(run_point(shape_w, args.batch, args.seq, args.sweep_rounds, 1, args, full=False))
+    result["depth_sweep"] = []
+    for lowest in args.lowest_layers:
+        print(f"[train_efficiency] depth sweep: lowest trained layer {lowest}", flush=True)
+        result["depth_sweep"].append(run_point(shape, args.batch, args.seq, args.sweep_rounds, 1, args, full=False,
+                                               min_layer=lowest))
     result["env"] = C.finish_environment(env)
     result["plots"] = plot(result, args.out, args.stem) if (result["seq_sweep"] or result["width_sweep"]) else []
     markdown = render(result)

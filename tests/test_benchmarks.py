@@ -22,7 +22,7 @@ def _load(path):
 def test_train_efficiency_tiny(tmp_path):
     argv = ["--quick", "--width", "64", "--layers", "2", "--head-dim", "16", "--vocab", "128", "--batch", "1",
             "--seq", "8", "--rounds", "1", "--forward-rounds", "1", "--sweep-rounds", "1", "--seqs", "8",
-            "--widths", "32", "--sweep-layers", "1", "--out", str(tmp_path), "--stem", "te"]
+            "--widths", "32", "--sweep-layers", "1", "--lowest-layers", "1", "--out", str(tmp_path), "--stem", "te"]
     train_efficiency.main(argv)
     data = _load(tmp_path / "te.json")
     assert (tmp_path / "te.md").read_text().startswith("# Training efficiency")
@@ -45,6 +45,7 @@ def test_train_efficiency_tiny(tmp_path):
     assert {"base", "alps/unmerged", "alps/merged", "lora_eq/merged"} <= set(main["forward"])
     assert set(data["targets"]["met"]) and all(isinstance(v, bool) for v in data["targets"]["met"].values())
     assert len(data["seq_sweep"]) == 1 and len(data["width_sweep"]) == 1
+    assert data["depth_sweep"][0]["lowest_trained_layer"] == 1
 
 
 def test_train_efficiency_masked_recipe_keeps_other_heads_frozen():
