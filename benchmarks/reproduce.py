@@ -64,23 +64,24 @@ ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 @dataclass(frozen=True)
 class Setup:
-    width: int = 128
-    layers: int = 6
+    width: int = 64
+    layers: int = 4
     heads: int = 8
     kv_heads: int = 4
-    ffn: int = 384
-    pretrain_steps: int = 1500
+    ffn: int = 256
+    pretrain_steps: int = 1200
     pretrain_examples: int = 40000
-    sft_steps: int = 400
-    train_steps: int = 300
+    pretrain_lr: float = 3e-3
+    sft_steps: int = 150
+    train_steps: int = 100
     train_examples: int = 2000
     batch: int = 32
-    eval_examples: int = 300
+    eval_examples: int = 200
     lr: float = 1e-3
     lora_lr: float = 3e-3
-    skill: str = "arithmetic"
-    transfer_a: str = "digits=2"
-    transfer_b: str = "digits=3"
+    skill: str = "reverse"
+    transfer_a: str = "min_len=3,max_len=8"
+    transfer_b: str = "min_len=6,max_len=10"
 
     def config(self):
         from transformers import LlamaConfig
@@ -94,8 +95,8 @@ class Setup:
         )
 
 
-QUICK = dict(width=64, layers=4, heads=8, kv_heads=4, ffn=192, pretrain_steps=300, pretrain_examples=8000,
-             sft_steps=120, train_steps=80, train_examples=600, batch=32, eval_examples=150)
+QUICK = dict(width=64, layers=2, heads=8, kv_heads=4, ffn=128, pretrain_steps=300, pretrain_examples=8000,
+             sft_steps=60, train_steps=40, train_examples=600, batch=32, eval_examples=100)
 
 
 def options(text: str) -> dict[str, Any]:
@@ -149,7 +150,7 @@ def pretrain(setup: Setup, seed: int):
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(setup.config())
     corpus = synthetic.corpus(setup.pretrain_examples, seed=seed)
-    losses = train(model, synthetic.batches(corpus, 64, seed=seed, loss_on="all"), setup.pretrain_steps, lr=3e-3)
+    losses = train(model, synthetic.batches(corpus, 64, seed=seed, loss_on="all"), setup.pretrain_steps, lr=setup.pretrain_lr)
     return model, losses
 
 
