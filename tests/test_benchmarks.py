@@ -67,8 +67,9 @@ def test_train_efficiency_masked_recipe_keeps_other_heads_frozen():
     assert rows_changed == list(range(16, 24))  # head 2 of head_dim 8
 
 
+@pytest.mark.slow  # three worker processes
 def test_localize_bench_tiny(tmp_path):
-    argv = ["--shapes", "2x4x64:2:float32", "--reps", "1", "--baseline-reps", "1", "--variants", "qkv_concat",
+    argv = ["--shapes", "2x4x64:2", "--reps", "1", "--baseline-reps", "1", "--variants", "qkv_concat",
             "--out", str(tmp_path), "--stem", "lb", "--workdir", str(tmp_path / "ckpt")]
     localize_bench.main(argv)
     data = _load(tmp_path / "lb.json")
@@ -76,9 +77,10 @@ def test_localize_bench_tiny(tmp_path):
     point = data["points"][0]
     assert point["shape"]["attention_params"] == 2 * (2 * 64 * 64 + 2 * 64 * 32)
     assert point["methods"]["baseline"]["seconds"]["n"] == 1
-    if data["ours_available"]:
-        assert point["agreement"]["max_rel_diff"] < 1e-3 and point["agreement"]["same_top10pct"]
-        assert "speedup_vs_baseline" in point["methods"]["ours:qkv_concat"]
+    assert data["ours_available"]
+    # bf16 checkpoint: both sides see the same weights; the baseline's float32 softmax costs some digits
+    assert point["agreement"]["max_rel_diff"] < 1e-3 and point["agreement"]["same_top10pct"]
+    assert "speedup_vs_baseline" in point["methods"]["ours:qkv_concat"]
 
 
 def test_localize_bench_baseline_matches_scipy_definition(tmp_path):
@@ -108,7 +110,6 @@ def test_localize_bench_baseline_matches_scipy_definition(tmp_path):
 
 
 def test_reproduce_tiny(tmp_path):
-    pytest.importorskip("peft_alps.localization", reason="needs peft_alps.localize_heads")
     argv = ["--quick", "--width", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--ffn", "32",
             "--pretrain-steps", "4", "--pretrain-examples", "64", "--sft-steps", "2", "--train-steps", "2",
             "--train-examples", "32", "--eval-examples", "16", "--batch", "8", "--seeds", "0", "1",
