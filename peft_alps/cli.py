@@ -53,6 +53,7 @@ def run_localize(args: argparse.Namespace) -> int:
     from .scores import num_selected
 
     ratio = args.ratio if args.ratio is not None or args.k is not None else 0.1
+    num_selected(10**9, ratio, args.k)  # range errors before the scoring, not after
     scores = localize_heads(
         args.base, args.task, metric=args.metric, variant=args.variant, tau=args.tau,
         progress=not args.no_progress, revision=args.revision, task_revision=args.task_revision,

@@ -174,7 +174,8 @@ class AlpsConfig(PeftConfig):
         if self.ratio is not None and self.k is not None:
             raise ValueError(f"pass ratio= or k=, not both (got ratio={self.ratio!r}, k={self.k!r})")
         if self.head_scores is None:
-            if (self.ratio is not None or self.k is not None) and self.target_heads is None:
+            # after resolution (e.g. a reloaded adapter_config.json) ratio/k stay as a record next to head_selection
+            if (self.ratio is not None or self.k is not None) and self.head_selection is None:
                 raise ValueError(
                     "ratio= / k= select heads from head scores: also pass head_scores='heads.json' "
                     "(from peft-alps localize) or a HeadScores"

@@ -259,10 +259,11 @@ def batches(
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, examples: Sequence[Example], batch_size: int = 64) -> dict[str, float]:
-    """``{"loss": mean answer-token NLL, "accuracy": exact-match rate}`` of a causal LM on ``examples``."""
+    """``{"loss": mean answer-token NLL, "accuracy": exact-match rate, "token_accuracy": share of answer tokens
+    (and EOS) predicted right}`` of a causal LM on ``examples``."""
     was_training = model.training
     model.eval()
-    total_nll, total_tokens, correct = 0.0, 0, 0
+    total_nll, total_tokens, correct, right_tokens = 0.0, 0, 0, 0
     device = next(model.parameters()).device
     for start in range(0, len(examples), batch_size):
         batch = {k: v.to(device) for k, v in collate(examples[start : start + batch_size]).items()}
@@ -276,6 +277,8 @@ def evaluate(model: torch.nn.Module, examples: Sequence[Example], batch_size: in
         total_tokens += int(mask.sum())
         hits = (logits.argmax(-1) == targets) | ~mask
         correct += int(hits.all(dim=1).sum())
+        right_tokens += int((hits & mask).sum())
     model.train(was_training)
     n = max(len(examples), 1)
-    return {"loss": total_nll / max(total_tokens, 1), "accuracy": correct / n}
+    return {"loss": total_nll / max(total_tokens, 1), "accuracy": correct / n,
+            "token_accuracy": right_tokens / max(total_tokens, 1)}

@@ -256,6 +256,8 @@ def test_alps_config_resolves_head_scores(tmp_path):
         AlpsConfig(head_scores=s, ratio=2.0)
     with pytest.raises(ValueError, match="k=25 out of range"):
         AlpsConfig(head_scores=s, k=25)
+    with pytest.raises(ValueError, match="also pass head_scores"):
+        AlpsConfig(target_heads={0: [1]}, ratio=0.1)
     with pytest.raises(OSError, match="missing.json"):
         AlpsConfig(head_scores=str(tmp_path / "missing.json"), ratio=0.1)
 

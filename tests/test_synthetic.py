@@ -80,9 +80,9 @@ class _Oracle(torch.nn.Module):
 def test_evaluate_against_perfect_and_uniform_predictors():
     exs = syn.make_examples("arithmetic", 10, seed=0)
     good = syn.evaluate(_Oracle(True), exs, batch_size=4)
-    assert good["accuracy"] == 1.0 and good["loss"] < 1e-6
+    assert good["accuracy"] == 1.0 and good["token_accuracy"] == 1.0 and good["loss"] < 1e-6
     bad = syn.evaluate(_Oracle(False), exs, batch_size=4)
-    assert bad["accuracy"] == 0.0 and bad["loss"] == pytest.approx(math.log(syn.VOCAB_SIZE))
+    assert bad["accuracy"] == 0.0 and bad["token_accuracy"] == 0.0 and bad["loss"] == pytest.approx(math.log(syn.VOCAB_SIZE))
 
 
 def test_unknown_skill_is_named():
