@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -372,6 +373,20 @@ def test_peft_convert_to_lora_reproduces_the_weight_delta(fam):
     lora = get_peft_model(fam.build(), lora_config)
     set_peft_model_state_dict(lora, lora_state)
     assert lora_state and torch.allclose(logits(lora), expected, atol=1e-4)
+
+
+@pytest.mark.parametrize("fam", [f for f in FAMILIES if f.name in ("gpt2", "phi3", "falcon_new_decoder", "bert")],
+                         ids=lambda f: f.name)
+def test_export_to_lora_serves_the_same_outputs_with_plain_peft(fam, tmp_path):
+    """Fused, Conv1D-transposed and biased layouts survive the exact LoRA export (loaded without peft_alps code)."""
+    model = get_peft_model(fam.build(), AlpsConfig(target_heads=HEADS, init_weights=False))
+    expected = logits(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the bias-export notice
+        peft_alps.export_to_lora(model, tmp_path)
+    lora = PeftModel.from_pretrained(fam.build(), tmp_path)
+    assert lora.peft_config["default"].peft_type == "LORA"
+    torch.testing.assert_close(logits(lora), expected, rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("fam", [f for f in FAMILIES if f.name in ("gpt2", "phi3", "falcon_new_decoder", "bert")],
