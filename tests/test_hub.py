@@ -285,3 +285,25 @@ def test_install_is_idempotent_and_refuses_a_changed_peft():
 
     with pytest.raises(RuntimeError, match="cannot hook its model card.*create_or_update_model_card"):
         alps_card._check_hookable(ChangedPeftModel)
+
+
+# ----------------------------------------------------------------------------- localization from repo ids
+
+
+def test_localize_heads_on_repo_ids_through_the_offline_cache(hub_cache, tmp_path):
+    """Base and task given as Hub ids (the task at a non-default revision) give the same bytes as the folders."""
+    from peft_alps import localize_heads
+
+    base, task = tiny_llama(seed=0), tiny_llama(seed=5)
+    base.save_pretrained(tmp_path / "base")
+    task.save_pretrained(tmp_path / "task")
+    cache_repo(hub_cache, "org/tiny-base", tmp_path / "base")
+    cache_repo(hub_cache, "org/tiny-task", tmp_path / "base", revision="main")  # main: an untrained copy
+    cache_repo(hub_cache, "org/tiny-task", tmp_path / "task", revision="sft")
+    expected = localize_heads(tmp_path / "base", tmp_path / "task")
+    scores = localize_heads("org/tiny-base", "org/tiny-task", task_revision="sft")
+    assert scores.scores.tobytes() == expected.scores.tobytes()
+    assert (scores.base, scores.task) == ("org/tiny-base", "org/tiny-task@sft")
+    assert not localize_heads("org/tiny-base", "org/tiny-task").scores.any()  # main is the base itself
+    with pytest.raises(OSError, match=r"'org/not-cached' is not a local folder.*local cache"):
+        localize_heads("org/tiny-base", "org/not-cached")
