@@ -4,7 +4,9 @@
    sequences plus copy/arithmetic/bracket skills, but *not* the demo task), so that its heads mean something;
 2. **task model**: the base fully fine-tuned for a few steps on the task skill (default ``reverse``);
 3. **localize**: :func:`peft_alps.localize_heads` streams the two saved checkpoints and writes ``heads.json``
-   and ``heads.png``;
+   and ``heads.png``; then the path for users without a task model: :func:`peft_alps.warmup` trains only the
+   attention on ``warmup_fraction`` of the task data, and the heads it finds are compared with the full task
+   model's (shared top heads, Jaccard index, Spearman rank correlation);
 4. **ALPS**: an adapter on the top ``ratio`` heads, trained from the base on the task; the same budget on random
    heads as a baseline;
 5. a before/after table (task loss and exact-match accuracy on held-out examples) and the saved adapter.
@@ -12,6 +14,7 @@
 Everything lands in ``settings.output`` (default ``./alps-demo``)::
 
     base/ task/            the two small checkpoints (safetensors)
+    task-attn/             the warm-up task checkpoint (attention tensors only)
     heads.json heads.png   head scores and heatmap
     alps-adapter/          the ALPS adapter (PeftModel.from_pretrained(base, "alps-adapter"))
     results.json           the table
@@ -52,6 +55,7 @@ class DemoSettings:
     lr: float = 3e-3
     adapter_lr: float = 1e-2
     seed: int = 0
+    warmup_fraction: float = 0.1  # share of the task data the warm-up sees (0 skips the warm-up comparison)
     threads: int = 1  # torch threads while the demo runs; a model this small gains nothing from more
     progress: bool = True
 
@@ -135,6 +139,27 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _warmup_comparison(base, task_train, scores, settings: DemoSettings, out: Path) -> dict[str, Any]:
+    """No task model? Warm up the attention on a share of the data, localize, compare with the full task model."""
+    from .localization import localize_heads
+    from .warmup import head_overlap, warmup
+
+    print(f"      no task model? warm-up: attention only, one pass over {settings.warmup_fraction:.0%} of the task data")
+    t0 = time.perf_counter()
+    warm = warmup(base, task_train, fraction=settings.warmup_fraction, batch_size=settings.batch_size,
+                  lr=settings.lr, seed=settings.seed, output_dir=out / "task-attn", progress=settings.progress)
+    seconds = time.perf_counter() - t0
+    warm_scores = localize_heads(out / "base", out / "task-attn")
+    warm_scores.save(out / "heads-warmup.json")
+    overlap = head_overlap(scores, warm_scores, settings.ratio)
+    print(f"      warm-up heads: {warm_scores.top_k(settings.ratio)}; {overlap['shared']} of {overlap['k']} shared with "
+          f"the full task model's (Jaccard {overlap['jaccard']:.2f}, Spearman {overlap['spearman']:.2f}); "
+          f"{warm.metadata['steps']} steps in {seconds:.1f} s, checkpoint "
+          f"{warm.metadata['checkpoint_bytes'] / 1024:.0f} KiB (attention tensors only)")
+    return {**overlap, "heads": {str(k): v for k, v in warm_scores.top_k(settings.ratio).items()},
+            "steps": warm.metadata["steps"], "seconds": seconds, "checkpoint_bytes": warm.metadata["checkpoint_bytes"]}
+
+
 def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
     """Run the demo; returns the results (also written to ``<output>/results.json``)."""
     settings = settings or DemoSettings()
@@ -190,6 +215,7 @@ def _run(settings: DemoSettings) -> dict[str, Any]:
     scores.heatmap(out / "heads.png", ratio=settings.ratio)
     say(f"      wrote {out / 'heads.json'} and {out / 'heads.png'}; top {count} of {scores.total_heads} heads: "
         f"{scores.top_k(settings.ratio)}")
+    warm = _warmup_comparison(base, task_train, scores, settings, out) if settings.warmup_fraction else None
 
     results = {}
     for name, config in (
@@ -213,6 +239,6 @@ def _run(settings: DemoSettings) -> dict[str, Any]:
     say(f"\nsaved: {out / 'alps-adapter'} (load with PeftModel.from_pretrained(base, ...) after `import peft_alps`); "
         f"base model in {out / 'base'}")
     summary = {"settings": asdict(settings), "selected_heads": {str(k): v for k, v in scores.top_k(settings.ratio).items()},
-               "results": rows}
+               "results": rows, "warmup": warm}
     (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
     return summary

@@ -24,6 +24,11 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     assert (out / "heads.png").read_bytes()[:4] == b"\x89PNG"
     selected = {int(k): v for k, v in summary["selected_heads"].items()}
     assert selected == scores.top_k(0.25) and sum(map(len, selected.values())) == 2
+    # the no-task-model path: a warm-up checkpoint with attention tensors only, its heads compared
+    warm = summary["warmup"]
+    assert warm["k"] == 2 and 0 <= warm["shared"] <= 2 and warm["jaccard"] == warm["shared"] / (4 - warm["shared"])
+    assert "shared with the full task model's" in printed
+    assert sorted(p.name for p in (out / "task-attn").iterdir()) == ["config.json", "model.safetensors", "warmup.json"]
 
     # the saved adapter reloads onto the saved base without the scores file and changes its outputs
     (out / "heads.json").unlink()

@@ -314,3 +314,28 @@ def test_cli_text_needs_a_tokenizer(tmp_path, capsys):
     ids = write_lines(tmp_path / "ids.jsonl", [json.dumps({"input_ids": [1, 5, 9, 3]})] * 4)
     assert main(["warmup", "--base", str(base), "--data", str(ids), "--steps", "1", "--output",
                  str(tmp_path / "o"), "--no-progress"]) == 0
+
+
+def test_head_overlap_against_scipy_and_sets():
+    from scipy.stats import spearmanr
+
+    from peft_alps.scores import HeadScores
+    from peft_alps.warmup import head_overlap
+
+    rng = torch.Generator().manual_seed(3)
+    a = torch.rand(3, 8, generator=rng, dtype=torch.float64).numpy()
+    b = a.copy()
+    b[0, :4] = [0.0, 0.0, 2.0, 2.0]  # ties, and two heads pushed to the top
+    dims = {"num_layers": 3, "num_heads": 8, "num_kv_heads": 2, "head_dim": 8}
+    sa = HeadScores(scores=a, metric="wasserstein", variant="qkv_product", tau=1.0, base="b", task="t",
+                    model_type="llama", head_dims=dims)
+    sb = HeadScores(scores=b, metric="wasserstein", variant="qkv_product", tau=1.0, base="b", task="t",
+                    model_type="llama", head_dims=dims)
+    got = head_overlap(sa, sb, ratio=0.25)
+    assert got["spearman"] == pytest.approx(spearmanr(a.ravel(), b.ravel()).statistic, abs=1e-12)
+    order_a = sorted(((a[i, j], (i, j)) for i in range(3) for j in range(8)), reverse=True)
+    order_b = sorted(((b[i, j], (i, j)) for i in range(3) for j in range(8)), reverse=True)
+    top_a, top_b = {p for _, p in order_a[:6]}, {p for _, p in order_b[:6]}  # ceil(0.25 * 24) = 6
+    assert (got["k"], got["shared"]) == (6, len(top_a & top_b))
+    assert got["jaccard"] == pytest.approx(len(top_a & top_b) / len(top_a | top_b))
+    assert head_overlap(sa, sa)["jaccard"] == 1.0 and head_overlap(sa, sa)["spearman"] == pytest.approx(1.0)
