@@ -188,6 +188,15 @@ def head_slice(role: Role, dims: HeadDims, heads: Iterable[int]) -> tuple[Litera
     raise ValueError(f"unknown projection role {role!r}; expected one of {ROLES}")
 
 
+def head_axis_size(role: Role, dims: HeadDims) -> tuple[Literal["out", "in"], int]:
+    """The dimension (``[out, in]`` orientation) that holds the heads of a projection of ``role``, and its size."""
+    n, g, d = dims.num_heads, dims.num_kv_heads, dims.head_dim
+    sizes = {"q": n * d, "k": g * d, "v": g * d, "o": n * d, "qkv": (n + 2 * g) * d, "qkv_grouped": (n + 2 * g) * d}
+    if role not in sizes:
+        raise ValueError(f"unknown projection role {role!r}; expected one of {ROLES}")
+    return ("in" if role == "o" else "out"), sizes[role]
+
+
 def head_parts(role: Role, dims: HeadDims, head: int) -> dict[str, tuple[Literal["out", "in"], list[int]]]:
     """The q/k/v/o pieces of one query head inside a projection of ``role``: ``{"q": ("out", rows), ...}``.
 

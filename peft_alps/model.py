@@ -14,10 +14,11 @@ from peft.tuners.tuners_utils import (
 )
 from peft.utils import get_quantization_kwargs
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from .config import AlpsConfig
 from .layer import AlpsLayer, dispatch_linear
-from .layouts import HeadDims, HeadLayout, head_slice, layout_for_config
+from .layouts import HeadDims, HeadLayout, head_axis_size, head_slice, layout_for_config
 from .quantization import keep_cpu_4bit_trainable
 from .registration import PREFIX
 from .safe_loading import check_adapter_file, expected_tensors, resolve_weights_file
@@ -48,6 +49,30 @@ def validate_target_heads(target_heads: dict[int, list[int]], dims: HeadDims) ->
                     f"head {head} out of range: layer {layer} has {dims.num_heads} query heads "
                     f"(0..{dims.num_heads - 1})"
                 )
+
+
+def check_module_fits_layout(key: str, module: nn.Module, layout: HeadLayout, dims: HeadDims, model_type: str) -> None:
+    """Check a matched module against its layout entry before wrapping: the storage orientation (``Conv1D`` needs
+    ``transposed=True``) and the size of the dimension that holds the heads. A wrong custom layout or ``dims``
+    reader is reported here instead of training or merging the wrong slices."""
+    base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+    _, projection = layout.match(key)
+    is_conv1d = isinstance(base, Conv1D)
+    if is_conv1d != projection.transposed:
+        raise ValueError(
+            f"module {key!r} is a {type(base).__name__} (weight stored {'[in, out]' if is_conv1d else '[out, in]'}) "
+            f"but the {model_type} head layout has Projection({projection.path!r}, {projection.role!r}, "
+            f"transposed={projection.transposed}); register it with transposed={is_conv1d}"
+        )
+    in_features, out_features = _get_in_out_features(base)
+    axis, size = head_axis_size(projection.role, dims)
+    actual = out_features if axis == "out" else in_features
+    if actual is not None and actual != size:
+        raise ValueError(
+            f"module {key!r} has {actual} {'output' if axis == 'out' else 'input'} features, but the {model_type} "
+            f"head layout expects {size} for a {projection.role!r} projection of {dims.num_heads} query heads, "
+            f"{dims.num_kv_heads} KV heads and head_dim {dims.head_dim}; check the layout's role and its dims reader"
+        )
 
 
 def check_one_module_per_slot(layout: HeadLayout, keys: list[str], model_type: str) -> None:
@@ -228,6 +253,8 @@ class AlpsModel(BaseTuner):
                 f"matched no attention projection; valid ones are {layout.default_target_modules}"
             )
         check_one_module_per_slot(layout, [key for key, _ in matched], record["model_type"])
+        for key, module in matched:
+            check_module_fits_layout(key, module, layout, dims, record["model_type"])
         peft_config.head_layout = record
         self._check_saved_weights(peft_config, layout, dims, matched)
         # bitsandbytes' CPU inference repacking of 4-bit weights breaks gradients and merging; keep it off.

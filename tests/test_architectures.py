@@ -431,6 +431,30 @@ def test_a_second_sub_model_with_the_same_module_names_is_refused_until_excluded
     assert wrapped and not any("vision_tower" in n for n in wrapped)
 
 
+def test_a_custom_layout_that_does_not_fit_the_modules_is_refused_before_wrapping(monkeypatch):
+    monkeypatch.setattr(layouts, "_REGISTRY", dict(layouts._REGISTRY))
+    gpt2 = next(f for f in FAMILIES if f.name == "gpt2")
+    attn = (layouts.Projection("attn.c_attn", "qkv", transposed=True), layouts.Projection("attn.c_proj", "o", transposed=True))
+    cases = [
+        # Conv1D stores [in, out]: forgetting transposed=True would merge the delta into the wrong axis
+        (dict(projections=(layouts.Projection("attn.c_attn", "qkv"), attn[1])), r"Conv1D .*register it with transposed=True"),
+        # a dims reader that gets head_dim wrong (16 instead of 8) would slice the wrong rows
+        (dict(projections=attn, dims=lambda c: layouts.HeadDims(c.n_layer, c.n_head, c.n_head, 16)),
+         r"has 96 output features, but the gpt2 head layout expects 192 .*head_dim 16"),
+        # c_attn declared as separate q: its 96 rows are not 4 heads x 8
+        (dict(projections=(layouts.Projection("attn.c_attn", "q", transposed=True), attn[1])),
+         r"has 96 output features, but the gpt2 head layout expects 32 for a 'q' projection"),
+    ]
+    for fields, message in cases:
+        layouts.register_layout(layouts.HeadLayout(model_types=("gpt2",), layers="h", **fields), override=True)
+        base = gpt2.build()
+        before = state(base)
+        with pytest.raises(ValueError, match=message):
+            get_peft_model(base, AlpsConfig(target_heads=HEADS))
+        assert not any(isinstance(m, peft_alps.AlpsLayer) for m in base.modules())
+        assert all(torch.equal(before[k], v) for k, v in state(base).items())
+
+
 def test_registering_over_a_built_in_family_needs_override(monkeypatch):
     monkeypatch.setattr(layouts, "_REGISTRY", dict(layouts._REGISTRY))
     mine = layouts.HeadLayout(model_types=("gpt2",), layers="h", projections=(layouts.Projection("attn.c_attn", "qkv"),))
