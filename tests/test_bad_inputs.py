@@ -219,6 +219,20 @@ def test_bad_adapter_fails_before_injection(case, saved_adapter, tmp_path):
     assert_untouched(base, snap)
 
 
+@pytest.mark.parametrize("damage,exc,match", [
+    (dict(raw=lambda b: b[:-100]), OSError, "truncated or corrupted"),
+    (dict(weights=_drop_every_other), ValueError, "is missing 4 of the 8 ALPS tensors"),
+], ids=["truncated", "partial"])
+def test_bad_adapter_with_low_cpu_mem_usage(damage, exc, match, saved_adapter, tmp_path):
+    """PEFT's low_cpu_mem_usage path (adapter weights created on meta, then assigned) is checked the same way."""
+    adapter = _copy(saved_adapter, tmp_path / "bad", **damage)
+    base = tiny_llama()
+    snap = snapshot(base)
+    with pytest.raises(exc, match=match):
+        PeftModel.from_pretrained(base, adapter, low_cpu_mem_usage=True)
+    assert_untouched(base, snap)
+
+
 def test_bad_adapter_via_load_adapter_leaves_peft_model_as_it_was(saved_adapter, tmp_path):
     """A second adapter that is broken does not touch the PeftModel that already holds a good one."""
     model = PeftModel.from_pretrained(tiny_llama(), saved_adapter)
