@@ -50,11 +50,11 @@ def unsafe_calls(source: str, filename: str = "<src>") -> list[str]:
         if not isinstance(node, ast.Call):
             continue
         func = node.func
+        dotted = _dotted(func)
         is_torch_load = (
-            isinstance(func, ast.Attribute)
-            and func.attr == "load"
-            and isinstance(func.value, ast.Name)
-            and func.value.id in torch_names
+            dotted is not None
+            and dotted.split(".")[0] in torch_names
+            and dotted.split(".")[1:] in (["load"], ["serialization", "load"])
         ) or (isinstance(func, ast.Name) and func.id in load_names)
         if is_torch_load:
             safe = any(
@@ -71,6 +71,17 @@ def unsafe_calls(source: str, filename: str = "<src>") -> list[str]:
     return problems
 
 
+def _dotted(node) -> str | None:
+    """``a.b.c`` for a chain of attribute accesses on a name, else ``None``."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    return ".".join([node.id, *reversed(parts)])
+
+
 @pytest.mark.parametrize(
     "source,flagged",
     [
@@ -78,6 +89,8 @@ def unsafe_calls(source: str, filename: str = "<src>") -> list[str]:
         ("import torch\ntorch.load('x', weights_only=False)", True),
         ("import torch as T\nT.load('x', map_location='cpu')", True),
         ("from torch import load as L\nL('x')", True),
+        ("import torch\ntorch.serialization.load('x')", True),
+        ("from torch.serialization import load\nload('x')", True),
         ("import pickle\n", True),
         ("from pickle import loads\n", True),
         ("import dill.settings\n", True),
