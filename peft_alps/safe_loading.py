@@ -78,6 +78,8 @@ def resolve_weights_file(source: AdapterSource) -> str:
     except RemoteEntryNotFoundError:
         raise _pickle_refused(source.describe(), remote=True) from None
     except LocalEntryNotFoundError as exc:
+        if _pickle_cached(source, kwargs):
+            raise _pickle_refused(f"the cached copy of {source.describe()}") from None
         raise FileNotFoundError(
             f"{SAFETENSORS_NAME} of {source.describe()} is not in the local Hugging Face cache and the Hub cannot "
             "be reached (HF_HUB_OFFLINE=1 or no network). Download the adapter once while online, or pass the "
@@ -85,6 +87,17 @@ def resolve_weights_file(source: AdapterSource) -> str:
         ) from exc
     except EntryNotFoundError:
         raise _pickle_refused(source.describe(), remote=True) from None
+
+
+def _pickle_cached(source: AdapterSource, kwargs: Mapping[str, Any]) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    filename = f"{source.subfolder}/{PICKLE_NAME}" if source.subfolder else PICKLE_NAME
+    found = try_to_load_from_cache(
+        source.model_id, filename, cache_dir=kwargs.get("cache_dir"), revision=kwargs.get("revision"),
+        repo_type=kwargs.get("repo_type"),
+    )
+    return isinstance(found, str)
 
 
 def _pickle_refused(where: str, remote: bool = False) -> OSError:

@@ -129,15 +129,33 @@ def test_damaged_file_in_the_cache_is_named_and_model_untouched(hub_cache, train
     assert not any(isinstance(m, peft_alps.AlpsLayer) for m in base.modules())
 
 
-def test_repo_with_only_a_pickle_is_not_loaded_offline(hub_cache, trained):
+def test_repo_with_only_a_pickle_is_refused_without_opening_it(hub_cache, trained, tmp_path):
+    import pickle
+
+    from tests.test_safe_loading import _Planted
+
     _, adapter, _ = trained
-    sd = load_file(adapter / "adapter_model.safetensors")
     os.remove(adapter / "adapter_model.safetensors")
-    torch.save(sd, adapter / "adapter_model.bin")
+    marker = tmp_path / "code-ran"
+    with open(adapter / "adapter_model.bin", "wb") as f:
+        pickle.dump({"x": _Planted(str(marker))}, f)
     cache_repo(hub_cache, "org/pickled", adapter)
-    with pytest.raises(FileNotFoundError, match=r"adapter_model\.safetensors of Hub repo 'org/pickled' is not in "
-                                                r"the local Hugging Face cache.*HF_HUB_OFFLINE=1"):
+    with pytest.raises(OSError, match=r"the cached copy of Hub repo 'org/pickled' has a pickle adapter_model\.bin "
+                                      r"but no adapter_model\.safetensors.*never read"):
         PeftModel.from_pretrained(tiny_llama(), "org/pickled")
+    assert not marker.exists()
+
+
+def test_repo_whose_weights_are_not_cached_is_named(hub_cache, trained, tmp_path):
+    _, adapter, _ = trained
+    (tmp_path / "config-only").mkdir()
+    shutil.copy(adapter / "adapter_config.json", tmp_path / "config-only")
+    cache_repo(hub_cache, "org/half-cached", tmp_path / "config-only")
+    base = tiny_llama()
+    with pytest.raises(FileNotFoundError, match=r"adapter_model\.safetensors of Hub repo 'org/half-cached' is not "
+                                                r"in the local Hugging Face cache.*HF_HUB_OFFLINE=1"):
+        PeftModel.from_pretrained(base, "org/half-cached")
+    assert not any(isinstance(m, peft_alps.AlpsLayer) for m in base.modules())
 
 
 # ----------------------------------------------------------------------------- push_to_hub, captured
