@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -46,9 +45,9 @@ class DemoSettings:
     layers: int = 4
     heads: int = 8
     kv_heads: int = 4
-    pretrain_steps: int = 400
-    task_steps: int = 150
-    adapter_steps: int = 150
+    pretrain_steps: int = 800
+    task_steps: int = 300
+    adapter_steps: int = 300
     batch_size: int = 32
     train_examples: int = 4000
     eval_examples: int = 300
@@ -130,12 +129,15 @@ def _trainable(model: torch.nn.Module) -> int:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    header = f"{'model':<26} {'trained params':>14} {'task loss':>9} {'accuracy':>8} {'train s':>7}"
+    header = (f"{'model':<22} {'heads':>5} {'trained params':>14} {'task loss':>9} {'token acc':>9} "
+              f"{'exact':>6} {'train s':>7}")
     lines = [header, "-" * len(header)]
     for r in rows:
+        heads = "-" if r.get("heads") is None else str(r["heads"])
         params = "-" if r["trainable_params"] is None else f"{r['trainable_params']:,}"
         secs = "-" if r["train_seconds"] is None else f"{r['train_seconds']:.1f}"
-        lines.append(f"{r['model']:<26} {params:>14} {r['loss']:>9.3f} {r['accuracy']:>8.1%} {secs:>7}")
+        lines.append(f"{r['model']:<22} {heads:>5} {params:>14} {r['loss']:>9.3f} {r['token_accuracy']:>9.1%} "
+                     f"{r['accuracy']:>6.1%} {secs:>7}")
     return "\n".join(lines)
 
 
@@ -203,7 +205,7 @@ def _run(settings: DemoSettings) -> dict[str, Any]:
     t0 = time.perf_counter()
     train(task, task_train, settings.task_steps, settings.lr, settings.batch_size, seed=settings.seed + 1,
           desc="fine-tune task model", progress=settings.progress)
-    rows.append({"model": "task model (full FT)", "trainable_params": _trainable(task),
+    rows.append({"model": "task model (full FT)", "heads": "all", "trainable_params": _trainable(task),
                  "train_seconds": time.perf_counter() - t0, **synthetic.evaluate(task, task_eval)})
     task.save_pretrained(out / "task")
     del task
@@ -229,13 +231,15 @@ def _run(settings: DemoSettings) -> dict[str, Any]:
         t0 = time.perf_counter()
         train(model, task_train, settings.adapter_steps, settings.adapter_lr, settings.batch_size,
               seed=settings.seed + 2, desc=name, progress=settings.progress)
-        rows.append({"model": name, "trainable_params": _trainable(model), "train_seconds": time.perf_counter() - t0,
+        rows.append({"model": name, "heads": config.num_selected_heads, "trainable_params": _trainable(model),
+                     "train_seconds": time.perf_counter() - t0,
                      **synthetic.evaluate(model, task_eval)})
         results[name] = model
 
     results["ALPS (top heads)"].save_pretrained(out / "alps-adapter")
     table = format_table(rows)
-    say("\n" + f"task '{settings.task}', {settings.eval_examples} held-out examples (exact match):\n" + table)
+    say("\n" + f"task '{settings.task}', {settings.eval_examples} held-out examples (loss and token accuracy on the answer; "
+        "exact = whole answer right):\n" + table)
     say(f"\nsaved: {out / 'alps-adapter'} (load with PeftModel.from_pretrained(base, ...) after `import peft_alps`); "
         f"base model in {out / 'base'}")
     summary = {"settings": asdict(settings), "selected_heads": {str(k): v for k, v in scores.top_k(settings.ratio).items()},
