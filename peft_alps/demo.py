@@ -40,7 +40,7 @@ PRETRAIN_SKILLS = ("text", "copy", "arithmetic", "brackets")
 class DemoSettings:
     output: str = "alps-demo"
     task: str = "reverse"
-    ratio: float = 0.125
+    ratio: float = 0.25
     hidden_size: int = 128
     layers: int = 4
     heads: int = 8
