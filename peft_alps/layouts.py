@@ -19,8 +19,9 @@ Projection roles:
     GPT-2 ``c_attn``).
 ``qkv_grouped``
     Fused and interleaved per KV group: the rows form ``[g, n/g + 2, d]`` blocks, the ``n/g`` query heads
-    of a group followed by its k and v head (GPT-NeoX ``query_key_value`` is the MHA case ``[n, 3, d]``;
-    Falcon's multi-query layout is the case ``g = 1``).
+    of a group followed by its k and v head (Falcon-40B's ``new_decoder_architecture``; GPT-NeoX, BLOOM and
+    Falcon-RW ``query_key_value`` and GPTBigCode's MHA ``c_attn`` are the case ``g = n``, ``[n, 3, d]``;
+    Falcon-7B's and GPTBigCode's multi-query layouts are the case ``g = 1``).
 """
 
 from __future__ import annotations

@@ -17,6 +17,8 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from peft import PeftModel, convert_to_lora, get_peft_model, set_peft_model_state_dict
 from safetensors import safe_open
 
@@ -538,6 +540,34 @@ def test_localization_ranks_perturbed_heads_first_from_checkpoints_and_models(fa
     from_files = peft_alps.localize_heads(tmp_path / "base", tmp_path / "task")
     assert_ranks_first(from_files, moved)
     np.testing.assert_allclose(from_files.scores, in_memory.scores, rtol=1e-9, atol=0)
+
+
+# ----------------------------------------------------------------------------- registry index maps, any geometry
+
+ROLE_TO_KIND = {"q": "q", "k": "k", "v": "v", "o": "o", "qkv": "concat", "qkv_grouped": "grouped"}
+
+
+@st.composite
+def geometry_and_heads(draw):
+    g = draw(st.integers(1, 4))
+    n = g * draw(st.integers(1, 4))
+    d = draw(st.integers(1, 5))
+    heads = draw(st.sets(st.integers(0, n - 1), min_size=1))
+    return n, g, d, sorted(heads)
+
+
+@settings(max_examples=60, deadline=None)
+@given(geometry_and_heads(), st.sampled_from(sorted(ROLE_TO_KIND)))
+def test_head_slice_and_head_parts_match_the_written_out_index_sets(case, role):
+    n, g, d, heads = case
+    dims = layouts.HeadDims(num_layers=1, num_heads=n, num_kv_heads=g, head_dim=d)
+    axis, indices = layouts.head_slice(role, dims, heads)
+    expected_axis, expected = expected_indices(ROLE_TO_KIND[role], n, g, d, heads)
+    assert (axis, indices) == ({0: "out", 1: "in"}[expected_axis], sorted(expected))
+    if role != "o":
+        for h in heads:
+            parts = layouts.head_parts(role, dims, h)
+            assert {k: set(v[1]) for k, v in parts.items()} == head_rows(ROLE_TO_KIND[role], n, g, d, h)
 
 
 def readme_custom_architecture_example():
