@@ -249,7 +249,7 @@ def prompt_completion_dataset(n=12):
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
 def test_sft_trainer_with_alps_peft_config(tmp_path, checkpointing):
     args = SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
-                     gradient_checkpointing=checkpointing, max_length=32, use_cpu=True, report_to=[],
+                     gradient_checkpointing=checkpointing, max_length=32, use_cpu=True, bf16=False, report_to=[],
                      disable_tqdm=True, save_strategy="no", logging_steps=1)
     trainer = SFTTrainer(model=tiny_llama(layers=LAYERS), args=args, train_dataset=prompt_completion_dataset(),
                          processing_class=word_tokenizer(), peft_config=AlpsConfig(target_heads=BACKPROP_HEADS))
@@ -275,7 +275,7 @@ def test_sft_trainer_with_alps_peft_config(tmp_path, checkpointing):
 
 
 def sft(tmp_path, model, peft_config):
-    args = SFTConfig(output_dir=str(tmp_path), max_steps=1, use_cpu=True, report_to=[], max_length=32)
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=1, use_cpu=True, bf16=False, report_to=[], max_length=32)
     return SFTTrainer(model=model, args=args, train_dataset=prompt_completion_dataset(4),
                       processing_class=word_tokenizer(), peft_config=peft_config)
 
