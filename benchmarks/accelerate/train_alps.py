@@ -10,12 +10,14 @@ The same script runs everywhere; how it scales out is decided by the launcher:
 
 Data: the built-in synthetic arithmetic task (peft_alps.synthetic), so the script needs no download. BASE is a
 transformers causal LM directory (or hub id) with vocab_size >= peft_alps.synthetic.VOCAB_SIZE; heads come from
-``--heads`` (``{layer: [heads]}`` as JSON, inline or a file). ``--batch-size`` is the *global* batch: it is split
+``--heads`` (``{layer: [heads]}`` as JSON, inline or a file) or from head scores (``--scores heads.json --ratio 0.1``,
+as written by ``peft-alps localize``). ``--batch-size`` is the *global* batch: it is split
 over the processes, so a 2-process run and a 1-process run see the same samples per step.
 
 Saving goes through ``Trainer.save_model``, which gathers sharded parameters (FSDP full state dict, DeepSpeed
 ZeRO-3 ``stage3_gather_16bit_weights_on_model_save``) before PEFT writes the adapter: the output directory holds
-only ``adapter_config.json`` and ``adapter_model.safetensors``.
+``adapter_config.json`` and ``adapter_model.safetensors`` (plus Trainer's ``training_args.bin`` and a model card),
+no base weights.
 """
 
 from __future__ import annotations
@@ -35,7 +37,10 @@ from peft_alps import AlpsConfig, synthetic
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--base", required=True, help="transformers causal-LM directory or hub id")
-    p.add_argument("--heads", required=True, help='heads to train as JSON {"layer": [heads]}, inline or a file')
+    heads = p.add_mutually_exclusive_group(required=True)
+    heads.add_argument("--heads", help='heads to train as JSON {"layer": [heads]}, inline or a file')
+    heads.add_argument("--scores", help="head scores JSON from `peft-alps localize`; with --ratio")
+    p.add_argument("--ratio", type=float, default=0.1, help="with --scores: fraction of all heads to train")
     p.add_argument("--output", required=True, help="where the adapter is saved")
     p.add_argument("--max-steps", type=int, default=100)
     p.add_argument("--batch-size", type=int, default=8, help="global batch size (split over processes)")
@@ -43,7 +48,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--examples", type=int, default=2000, help="number of synthetic training examples")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--cpu", action="store_true", help="train on the CPU (gloo when distributed)")
-    p.add_argument("--fsdp", action="store_true", help="FSDP2 full sharding of the decoder layers (torchrun launch)")
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dump-deltas", action="store_true", help="also save each rank's deltas (for the DDP test)")
@@ -62,15 +66,12 @@ def main(argv=None) -> None:
 
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.bfloat16 if args.bf16 else torch.float32)
-    model = get_peft_model(model, AlpsConfig(target_heads=load_heads(args.heads)))
+    if args.heads is not None:
+        config = AlpsConfig(target_heads=load_heads(args.heads))
+    else:
+        config = AlpsConfig(head_scores=args.scores, ratio=args.ratio)
+    model = get_peft_model(model, config)
 
-    fsdp = {}
-    if args.fsdp:
-        layer_cls = sorted({type(m).__name__ for m in model.modules() if hasattr(type(m), "gradient_checkpointing")})
-        fsdp = {
-            "fsdp": True,
-            "fsdp_config": {"version": 2, "transformer_layer_cls_to_wrap": layer_cls, "state_dict_type": "FULL_STATE_DICT"},
-        }
     training_args = TrainingArguments(
         output_dir=args.output,
         max_steps=args.max_steps,
@@ -88,7 +89,6 @@ def main(argv=None) -> None:
         report_to=[],
         disable_tqdm=True,
         dataloader_drop_last=True,
-        **fsdp,
     )
     train = synthetic.make_examples("arithmetic", args.examples, seed=args.seed)
     trainer = Trainer(model=model, args=training_args, train_dataset=train, data_collator=synthetic.collate)
