@@ -125,3 +125,19 @@ def test_readme_launch_commands_use_valid_accelerate_configs():
     zero2, zero3 = kinds["deepspeed_zero2.yaml"].deepspeed_config, kinds["deepspeed_zero3.yaml"].deepspeed_config
     assert zero2["zero_stage"] == 2
     assert zero3["zero_stage"] == 3 and zero3["zero3_save_16bit_model"] is True  # gather delta shards on save
+
+
+def test_training_script_takes_heads_from_localization_scores(base_dir, tmp_path):
+    import numpy as np
+
+    from peft_alps import HeadScores
+
+    scores = np.zeros((3, 8))
+    scores[2, 6], scores[0, 1], scores[1, 3] = 3.0, 2.0, 1.0  # top 3 of 24 heads = ratio 0.125
+    HeadScores(scores=scores, model_type="llama",
+               head_dims={"num_layers": 3, "num_heads": 8, "num_kv_heads": 2, "head_dim": 8}).save(tmp_path / "heads.json")
+    train_alps.main(["--base", str(base_dir), "--scores", str(tmp_path / "heads.json"), "--ratio", "0.125",
+                     "--output", str(tmp_path / "out"), "--max-steps", "1", "--batch-size", "2", "--examples", "4",
+                     "--cpu"])
+    saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert saved["target_heads"] == {"0": [1], "1": [3], "2": [6]}
