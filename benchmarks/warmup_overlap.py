@@ -66,8 +66,8 @@ class Setup:
     seeds: tuple[int, ...] = (0, 1, 2)
 
 
-QUICK = dict(width=64, layers=4, heads=8, kv_heads=4, ffn=192, pretrain_steps=300, pretrain_examples=8000,
-             train_examples=800, sft_steps=150, alps_steps=100, eval_examples=150)
+QUICK = dict(width=64, layers=4, heads=8, kv_heads=4, ffn=192, pretrain_steps=150, pretrain_examples=4800,
+             train_examples=800, sft_steps=80, alps_steps=60, eval_examples=150)
 TINY = dict(width=32, layers=2, heads=4, kv_heads=2, ffn=64, pretrain_steps=4, pretrain_examples=64,
             train_examples=40, sft_steps=3, warmup_batch=4, alps_steps=2, batch=8, eval_examples=8, seeds=(0, 1))
 
@@ -120,7 +120,7 @@ def pretrain(setup: Setup):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(make_config(setup))
     corpus = synthetic.corpus(setup.pretrain_examples, seed=0)
-    losses = train(model, synthetic.batches(corpus, 64, seed=0, loss_on="all"), setup.pretrain_steps, lr=3e-3)
+    losses = train(model, synthetic.batches(corpus, setup.batch, seed=0, loss_on="all"), setup.pretrain_steps, lr=3e-3)
     return model, losses
 
 
