@@ -69,7 +69,7 @@ class Setup:
     heads: int = 8
     kv_heads: int = 4
     ffn: int = 256
-    pretrain_steps: int = 1200
+    pretrain_steps: int = 1500
     pretrain_examples: int = 40000
     pretrain_lr: float = 3e-3
     sft_steps: int = 150
