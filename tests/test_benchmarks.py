@@ -135,3 +135,16 @@ def test_reproduce_tiny(tmp_path):
                                      "transfer_full_attn"}
     md = (tmp_path / "rp.md").read_text()
     assert "Table 1 / 5 analogue" in md and "Transfer" in md
+
+
+def test_summary_replaces_only_its_readme_section(tmp_path):
+    from benchmarks import summary
+
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n\nintro\n")
+    summary.write_readme(readme, "## Benchmarks\n\nfirst")
+    summary.write_readme(readme, "## Benchmarks\n\nsecond")
+    text = readme.read_text()
+    assert text.startswith("# x\n\nintro\n") and "second" in text and "first" not in text
+    assert text.count(summary.START) == 1 and text.count(summary.END) == 1
+    assert summary.section(tmp_path).startswith("## Benchmarks")  # no results yet: just the pointer
