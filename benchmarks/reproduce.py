@@ -69,7 +69,7 @@ class Setup:
     heads: int = 8
     kv_heads: int = 4
     ffn: int = 256
-    pretrain_steps: int = 1500
+    pretrain_steps: int = 1000
     pretrain_examples: int = 40000
     pretrain_lr: float = 3e-3
     sft_steps: int = 150
@@ -219,6 +219,32 @@ def evaluate(model, task_eval, other_evals: dict[str, list]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ experiment
 
 
+_JOBS: list[tuple[str, Callable[[int], Any], list, list, dict, float]] = []  # set before forking seed workers
+
+
+def _run_seed(seed: int) -> dict[str, dict[str, Any]]:
+    """Every method of the experiment for one seed (runs in a forked worker when ``--jobs > 1``)."""
+    from peft_alps import synthetic
+
+    torch.set_num_threads(1)
+    out: dict[str, dict[str, Any]] = {}
+    for name, make, train_set, eval_set, other_evals, lr in _JOBS:
+        model = make(seed)
+        n_params = trainable(model)
+        torch.manual_seed(seed)
+        losses = train(model, synthetic.batches(train_set, _SETUP[0].batch, seed=seed), _SETUP[0].train_steps, lr)
+        res = evaluate(model, eval_set, other_evals)
+        res.update(seed=seed, trainable_params=n_params, final_train_loss=sum(losses[-10:]) / len(losses[-10:]))
+        out[name] = res
+        log(f"{name:>26} seed {seed}: acc {res['task_accuracy']:.3f}, task loss {res['task_loss']:.3f}, "
+            f"other loss {res['other_loss_mean']:.3f}")
+        del model
+    return out
+
+
+_SETUP: list[Setup] = []
+
+
 def run(args) -> dict[str, Any]:
     from peft_alps import localize_heads, synthetic
 
@@ -235,7 +261,7 @@ def run(args) -> dict[str, Any]:
     log(f"pretraining the base ({setup.pretrain_steps} steps)")
     base, pre_losses = pretrain(setup, seed=args.base_seed)
     base.requires_grad_(False)
-    log(f"SFT task model on {skill} {setup.transfer_a or ''} ({setup.sft_steps} steps)")
+    log(f"SFT task model on {skill} {setup.transfer_a} ({setup.sft_steps} steps)")
     task = sft(base, sft_a, setup, seed=args.base_seed)
     result: dict[str, Any] = {
         "setup": asdict(setup),
@@ -259,39 +285,22 @@ def run(args) -> dict[str, Any]:
     qkv_rank = max(1, round(128 * setup.width / 2048))
     result["lora_eq_rank"], result["lora_qkv_rank"] = eq_rank, qkv_rank
 
-    def factories(sc) -> dict[str, Callable[[int], Any]]:
-        return {
-            "full_attn": lambda s: weights_method(base, True),
-            "wo_attn": lambda s: weights_method(base, False),
-            "random_10": lambda s: alps_method(base, sc.random(ratio=0.1, seed=s)),
-            "lc_10": lambda s: alps_method(base, sc.layer_consistent(ratio=0.1, seed=s)),
-            "lora_eq": lambda s: lora_method(base, eq_rank, ATTENTION, s),
-            "lora_qkv": lambda s: lora_method(base, qkv_rank, ATTENTION[:3], s),
-            "alps_10": lambda s: alps_method(base, sc.top_k(ratio=0.1)),
-            "alps_30": lambda s: alps_method(base, sc.top_k(ratio=0.3)),
-        }
-
-    main_f = factories(scores["wasserstein"])
+    w1 = scores["wasserstein"]
+    main_f: dict[str, Callable[[int], Any]] = {
+        "full_attn": lambda s: weights_method(base, True),
+        "wo_attn": lambda s: weights_method(base, False),
+        "random_10": lambda s: alps_method(base, w1.random(ratio=0.1, seed=s)),
+        "lc_10": lambda s: alps_method(base, w1.layer_consistent(ratio=0.1, seed=s)),
+        "lora_eq": lambda s: lora_method(base, eq_rank, ATTENTION, s),
+        "lora_qkv": lambda s: lora_method(base, qkv_rank, ATTENTION[:3], s),
+        "alps_10": lambda s: alps_method(base, w1.top_k(ratio=0.1)),
+        "alps_30": lambda s: alps_method(base, w1.top_k(ratio=0.3)),
+    }
     for metric, name in ABLATION.items():
         if metric != "wasserstein":
             main_f[name] = (lambda sc: (lambda s: alps_method(base, sc.top_k(ratio=0.1))))(scores[metric])
-    runs: dict[str, list[dict[str, Any]]] = {}
-    for name in main_f:
-        if args.methods and name not in args.methods:
-            continue
-        runs[name] = []
-        for seed in args.seeds:
-            model = main_f[name](seed)
-            n_params = trainable(model)
-            lr = setup.lora_lr if name.startswith("lora") else setup.lr
-            torch.manual_seed(seed)
-            losses = train(model, synthetic.batches(train_a, setup.batch, seed=seed), setup.train_steps, lr)
-            res = evaluate(model, eval_a, other_evals)
-            res.update(seed=seed, trainable_params=n_params, final_train_loss=sum(losses[-10:]) / len(losses[-10:]))
-            runs[name].append(res)
-            log(f"{name:>22} seed {seed}: acc {res['task_accuracy']:.3f}, task loss {res['task_loss']:.3f}, "
-                f"other loss {res['other_loss_mean']:.3f}")
-    result["runs"] = runs
+    jobs = [(name, make, train_a, eval_a, other_evals, setup.lora_lr if name.startswith("lora") else setup.lr)
+            for name, make in main_f.items() if not args.methods or name in args.methods]
 
     if args.transfer:
         log(f"transfer: dataset A = {skill} {setup.transfer_a}, dataset B = {skill} {setup.transfer_b}")
@@ -300,11 +309,12 @@ def run(args) -> dict[str, Any]:
         eval_b = synthetic.make_examples(skill, setup.eval_examples, seed=203, **opts_b)
         task_b = sft(base, sft_b, setup, seed=args.base_seed)
         scores_b = localize_heads(base, task_b, metric="wasserstein")
-        sel_a, sel_b = scores["wasserstein"].top_k(ratio=0.1), scores_b.top_k(ratio=0.1)
+        sel_a, sel_b = w1.top_k(ratio=0.1), scores_b.top_k(ratio=0.1)
         overlap = sum(len(set(h) & set(sel_b.get(l, []))) for l, h in sel_a.items())
         result["transfer"] = {
             "dataset_a": setup.transfer_a, "dataset_b": setup.transfer_b,
             "heads_overlap": overlap, "heads_selected": sum(len(h) for h in sel_a.values()),
+            "selection_b": {str(l): h for l, h in sel_b.items()},
             "reference": {"base": evaluate(base, eval_b, {}), "task_model_b": evaluate(task_b, eval_b, {})},
             "runs": {},
         }
@@ -314,16 +324,22 @@ def run(args) -> dict[str, Any]:
             "transfer_random_10": lambda s: alps_method(base, scores_b.random(ratio=0.1, seed=s)),
             "transfer_full_attn": lambda s: weights_method(base, True),
         }
-        for name, make in transfer_f.items():
-            result["transfer"]["runs"][name] = []
-            for seed in args.seeds:
-                model = make(seed)
-                torch.manual_seed(seed)
-                train(model, synthetic.batches(train_b, setup.batch, seed=seed), setup.train_steps, setup.lr)
-                res = evaluate(model, eval_b, {})
-                res.update(seed=seed, trainable_params=trainable(model))
-                result["transfer"]["runs"][name].append(res)
-                log(f"{name:>26} seed {seed}: acc {res['task_accuracy']:.3f}, loss {res['task_loss']:.3f}")
+        jobs += [(name, make, train_b, eval_b, {}, setup.lr) for name, make in transfer_f.items()]
+
+    _JOBS[:] = jobs
+    _SETUP[:] = [setup]
+    if args.jobs > 1 and len(args.seeds) > 1:
+        import multiprocessing
+
+        log(f"{len(jobs)} methods x {len(args.seeds)} seeds in {min(args.jobs, len(args.seeds))} forked workers")
+        with multiprocessing.get_context("fork").Pool(min(args.jobs, len(args.seeds))) as pool:
+            per_seed = pool.map(_run_seed, args.seeds)
+    else:
+        per_seed = [_run_seed(seed) for seed in args.seeds]
+    runs: dict[str, list[dict[str, Any]]] = {name: [ps[name] for ps in per_seed] for name, *_ in jobs}
+    result["runs"] = {k: v for k, v in runs.items() if not k.startswith("transfer_")}
+    if args.transfer:
+        result["transfer"]["runs"] = {k: v for k, v in runs.items() if k.startswith("transfer_")}
     result["summary"] = summarize(result)
     result["wall_s"] = time.perf_counter() - t0
     return result
@@ -458,6 +474,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-transfer", dest="transfer", action="store_false")
     p.add_argument("--no-heatmap", dest="heatmap", action="store_false")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=1, help="seeds run in this many forked processes (1 thread each)")
     p.add_argument("--out", type=Path, default=C.RESULTS)
     p.add_argument("--stem")
     args = p.parse_args(argv)
