@@ -524,9 +524,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     quick = {"width": 256, "layers": 4, "head_dim": 32, "vocab": 8192, "batch": 2, "seq": 128, "rounds": 5,
              "forward_rounds": 10, "sweep_rounds": 3, "seqs": [64, 256], "widths": [128, 384], "sweep_layers": 2, "lowest_layers": [2]}
-    full = {"width": 512, "layers": 4, "head_dim": 64, "vocab": 16384, "batch": 1, "seq": 256, "rounds": 8,
-            "forward_rounds": 15, "sweep_rounds": 3, "seqs": [64, 128, 256, 512],
-            "widths": [256, 512, 768, 1024], "sweep_layers": 2, "lowest_layers": [1, 2, 3]}
+    full = {"width": 512, "layers": 4, "head_dim": 64, "vocab": 16384, "batch": 1, "seq": 256, "rounds": 6,
+            "forward_rounds": 10, "sweep_rounds": 2, "seqs": [64, 128, 256, 512],
+            "widths": [256, 512, 768], "sweep_layers": 2, "lowest_layers": [2]}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)

@@ -112,7 +112,7 @@ def test_localize_bench_baseline_matches_scipy_definition(tmp_path):
 def test_reproduce_tiny(tmp_path):
     argv = ["--quick", "--width", "32", "--layers", "2", "--heads", "4", "--kv-heads", "2", "--ffn", "32",
             "--pretrain-steps", "4", "--pretrain-examples", "64", "--sft-steps", "2", "--train-steps", "2",
-            "--train-examples", "32", "--eval-examples", "16", "--batch", "8", "--seeds", "0", "1",
+            "--train-examples", "32", "--eval-examples", "16", "--batch", "8", "--seeds", "0", "1", "--jobs", "2",
             "--methods", "full_attn", "alps_10", "alps_10_kl", "random_10", "lora_eq",
             "--out", str(tmp_path), "--stem", "rp"]
     reproduce.main(argv)
