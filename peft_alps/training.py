@@ -20,7 +20,7 @@ something below the lowest head (another adapter, ``modules_to_save``) simply ma
 
 from __future__ import annotations
 
-from types import MethodType
+from functools import partial
 from typing import Any
 
 import torch
@@ -35,7 +35,8 @@ def install_partial_backprop(model: nn.Module) -> None:
     if not hasattr(type(model), "enable_input_require_grads") or not _checkpointed_layers(model):
         return  # not a transformers model with checkpointable layers: keep whatever it does
     if "enable_input_require_grads" not in vars(model):
-        model.enable_input_require_grads = MethodType(_enable_layer_input_require_grads, model)
+        # A partial of a module-level function (not a bound method) so that the model still pickles.
+        model.enable_input_require_grads = partial(_enable_layer_input_require_grads, model)
     if getattr(model, "_require_grads_hooks", None):
         model.enable_input_require_grads()
 

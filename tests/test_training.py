@@ -302,3 +302,17 @@ def test_sft_trainer_on_a_model_without_supported_attention(tmp_path):
 def test_sft_trainer_with_heads_outside_the_model(tmp_path):
     with pytest.raises(ValueError, match=r"head 8 out of range: layer 1 has 8 query heads \(0\.\.7\)"):
         sft(tmp_path, tiny_llama(), AlpsConfig(target_heads={1: [8]}))
+
+
+def test_model_with_the_override_pickles_and_copies():
+    import copy
+    import io
+
+    model = backprop_model()
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    for clone in (torch.load(buffer, weights_only=False), copy.deepcopy(model)):
+        clone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+        assert backprop_trace(clone) == expected_trace(LOWEST, boundary_input=True)  # the copy's own layers
+        assert_deltas_got_gradients(clone)
