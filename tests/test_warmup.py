@@ -339,3 +339,37 @@ def test_head_overlap_against_scipy_and_sets():
     assert (got["k"], got["shared"]) == (6, len(top_a & top_b))
     assert got["jaccard"] == pytest.approx(len(top_a & top_b) / len(top_a | top_b))
     assert head_overlap(sa, sa)["jaccard"] == 1.0 and head_overlap(sa, sa)["spearman"] == pytest.approx(1.0)
+
+
+# ----------------------------------------------------------------------------------------------- benchmarks
+
+
+def test_benchmark_scripts_run_in_tiny_mode(tmp_path, monkeypatch):
+    """The committed benchmark scripts cannot rot: the overlap script end to end (tiny), one memory worker."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(f"_bench_{name}", root / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+        spec.loader.exec_module(module)
+        return module
+
+    overlap = load("warmup_overlap")
+    result = overlap.main(["--tiny", "--output", str(tmp_path / "overlap")])
+    summary = result["summary"]
+    assert set(summary["warmup_vs_full"]) == {"spearman", "jaccard@0.1", "jaccard@0.25", "jaccard@0.5"}
+    assert all(0.0 <= summary["warmup_vs_full"][f"jaccard@{r}"]["mean"] <= 1.0 for r in overlap.RATIOS)
+    assert summary["warmup_checkpoint_bytes"] < summary["full_checkpoint_bytes"]
+    assert "| Spearman rank correlation of scores |" in (tmp_path / "overlap.md").read_text()
+    assert overlap.chance_jaccard(1, 4) == pytest.approx(1 / 4) and overlap.chance_jaccard(4, 4) == 1.0
+
+    memory = load("warmup_memory")
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=64, batch=2, seq=8, steps=1)
+    row = memory.worker("warmup_inplace_8bit", shape, "cpu")
+    assert row["trainable_params"] == 2 * (32 * 32 * 2 + 32 * 16 * 2) and row["extra_peak_mib"] >= 0
