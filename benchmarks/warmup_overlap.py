@@ -53,7 +53,7 @@ class Setup:
     ffn: int = 384
     pretrain_steps: int = 1500
     pretrain_examples: int = 40000
-    skill: str = "reverse"
+    skill: str = "copy"
     train_examples: int = 2000
     sft_steps: int = 400
     warmup_fraction: float = 0.1
@@ -62,12 +62,14 @@ class Setup:
     alps_steps: int = 300
     batch: int = 32
     lr: float = 1e-3
+    alps_lr: float = 1e-3
     eval_examples: int = 300
     seeds: tuple[int, ...] = (0, 1, 2)
 
 
-QUICK = dict(width=64, layers=4, heads=8, kv_heads=4, ffn=192, pretrain_steps=150, pretrain_examples=4800,
-             train_examples=800, sft_steps=80, alps_steps=60, eval_examples=150)
+QUICK = dict(width=64, layers=4, heads=8, kv_heads=4, ffn=192, pretrain_steps=400, pretrain_examples=12800,
+             train_examples=800, sft_steps=150, alps_steps=150, eval_examples=150, lr=3e-3, alps_lr=1e-2,
+             warmup_lr=3e-3, warmup_batch=4)
 TINY = dict(width=32, layers=2, heads=4, kv_heads=2, ffn=64, pretrain_steps=4, pretrain_examples=64,
             train_examples=40, sft_steps=3, warmup_batch=4, alps_steps=2, batch=8, eval_examples=8, seeds=(0, 1))
 
@@ -141,7 +143,7 @@ def train_alps(base, heads, examples, setup: Setup, seed: int):
 
     torch.manual_seed(seed)
     model = get_peft_model(copy.deepcopy(base), AlpsConfig(target_heads=heads))
-    train(model, synthetic.batches(examples, setup.batch, seed=seed), setup.alps_steps, lr=setup.lr)
+    train(model, synthetic.batches(examples, setup.batch, seed=seed), setup.alps_steps, lr=setup.alps_lr)
     return model
 
 
@@ -290,7 +292,8 @@ def markdown(result: dict[str, Any], command: str) -> str:
         f"{setup['layers']} layers x {setup['heads']} heads = {n} heads; seeds {list(setup['seeds'])}). "
         f"Warm-up: attention only, one pass over {setup['warmup_fraction']:.0%} of the "
         f"{setup['train_examples']} training examples; full SFT: all weights, {setup['sft_steps']} steps x "
-        f"{setup['batch']}. Command: `{command}`.",
+        f"{setup['batch']}; peak lr: full SFT {setup['lr']}, warm-up {setup['warmup_lr']} (batch {setup['warmup_batch']}), "
+        f"ALPS {setup['alps_lr']}. Command: `{command}`.",
         "",
         "| agreement of head rankings | warm-up vs full SFT | full SFT vs full SFT (other seed) | chance |",
         "|---|---:|---:|---:|",
