@@ -326,6 +326,7 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # seconds; for the test suite
     parser.add_argument("--skill", default=None)
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (>= 3 for the committed table)")
+    parser.add_argument("--warmup-fraction", type=float, default=None, help="share of the data the warm-up sees")
     parser.add_argument("--output", default=str(RESULTS / "warmup_overlap"), help="output path without suffix")
     args = parser.parse_args(argv)
     setup = Setup()
@@ -337,10 +338,13 @@ def main(argv=None) -> dict[str, Any]:
         setup = replace(setup, skill=args.skill)
     if args.seeds:
         setup = replace(setup, seeds=tuple(range(args.seeds)))
+    if args.warmup_fraction:
+        setup = replace(setup, warmup_fraction=args.warmup_fraction)
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     with tempfile.TemporaryDirectory() as tmp:
         result = run(setup, Path(tmp))
-    command = "python benchmarks/warmup_overlap.py" + (" --quick" if args.quick else "")
+    command = "python benchmarks/warmup_overlap.py" + (" --quick" if args.quick else "") + (
+        f" --warmup-fraction {args.warmup_fraction}" if args.warmup_fraction else "")
     result["command"] = command
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
