@@ -36,7 +36,7 @@ METRICS: tuple[str, ...] = ("wasserstein", "kl", "js", "cosine", "euclidean")
 VARIANTS: tuple[str, ...] = ("qkv_product", "qkv_concat")
 
 # Heads of a layer are scored in chunks of at most this many float64 entries per model (bounds memory).
-CHUNK_ENTRIES = 1 << 21
+CHUNK_ENTRIES = 1 << 20
 
 
 # ------------------------------------------------------------------------------------------ deterministic math
@@ -78,22 +78,20 @@ def _log_softmax(x: torch.Tensor, tau: float) -> torch.Tensor:
     return x.sub_(torch.log(_rowsum(torch.exp(x)))[..., None])
 
 
-def _cdf(x: torch.Tensor, tau: float) -> torch.Tensor:
-    """CDF of ``softmax(x / tau)`` along the rows, float64, computed in place: exp, sequential cumsum, normalize."""
-    x = _shifted(x, tau).exp_().cumsum_(dim=-1)
-    return x.div_(x[..., -1:].clone())
-
-
 def wasserstein_rows(x_b: torch.Tensor, x_t: torch.Tensor, tau: float) -> torch.Tensor:
     """W1 between ``softmax(x_b / tau)`` and ``softmax(x_t / tau)`` (rows) on the support ``i / (N - 1)``.
 
-    Exactly ``sum_{i < N-1} |CDF_B(i) - CDF_T(i)| / (N - 1)`` (the last CDF entries are both 1). Overwrites the
-    inputs."""
+    Exactly ``sum_i |CDF_B(i) - CDF_T(i)| / (N - 1)`` (the last CDF entries are both exactly 1, so the last gap is
+    0). The CDFs are cumulative sums of ``exp`` in float64, normalized in place. Overwrites the inputs."""
     n = x_b.shape[-1]
     if n < 2:
         return torch.zeros(x_b.shape[0], dtype=torch.float64)
-    gap = _cdf(x_b, tau).sub_(_cdf(x_t, tau))[..., :-1].abs_()
-    return _rowsum(gap) / (n - 1)
+    c_b = _shifted(x_b, tau).exp_().cumsum_(dim=-1)
+    c_t = _shifted(x_t, tau).exp_().cumsum_(dim=-1)
+    # normalize both the same way, so that identical heads give exactly 0 (no fused multiply-add here)
+    gap = c_b.div_(c_b[..., -1:].clone()).sub_(c_t.div_(c_t[..., -1:].clone()))
+    with _single_thread():  # one thread: a vectorized but fixed-order reduction
+        return torch.linalg.vector_norm(gap, ord=1, dim=-1) / (n - 1)
 
 
 def _distance(x_b: torch.Tensor, x_t: torch.Tensor, metric: str, tau: float) -> torch.Tensor:
@@ -150,7 +148,8 @@ class LayerHeads:
                 else:
                     picked = weight.index_select(0, torch.tensor(rows, dtype=torch.long))
                 shape = (len(heads[part]), dims.head_dim, weight.shape[1])
-                pieces[part] = picked.to(torch.float64, copy=True).reshape(shape).contiguous()
+                # kept in the stored dtype: float64 copies are made one chunk of heads at a time
+                pieces[part] = picked.reshape(shape)
         missing = [part for part in ("q", "k", "v") if part not in pieces]
         if missing:
             raise ValueError(f"{where}: no projection provides the {'/'.join(missing)} weights of the heads")
@@ -172,12 +171,17 @@ class LayerHeads:
         q = self.q[heads.start : heads.stop]
         if variant == "qkv_product":
             with _single_thread():
-                if self._kv is None:
-                    self._kv = torch.bmm(self.k, self.v.transpose(1, 2))  # [g, d_h, d_h] = Wk_g @ Wv_g^T
+                if self._kv is None:  # [g, d_h, d_h] = Wk_g @ Wv_g^T
+                    self._kv = torch.bmm(self.k.double(), self.v.double().transpose(1, 2))
+                q = q.to(torch.float64)
                 return torch.bmm(q.transpose(1, 2), self._kv.index_select(0, groups)).reshape(len(heads), -1)
         if variant == "qkv_concat":
-            k, v = self.k.index_select(0, groups), self.v.index_select(0, groups)
-            return torch.cat([q.reshape(len(heads), -1), k.reshape(len(heads), -1), v.reshape(len(heads), -1)], dim=1)
+            out = torch.empty(len(heads), self.entries(variant), dtype=torch.float64)
+            size = self.dims.head_dim * self.hidden
+            out[:, :size] = q.reshape(len(heads), -1)  # the copy converts to float64
+            out[:, size : 2 * size] = self.k.index_select(0, groups).reshape(len(heads), -1)
+            out[:, 2 * size :] = self.v.index_select(0, groups).reshape(len(heads), -1)
+            return out
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
 
 
