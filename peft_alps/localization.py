@@ -8,25 +8,29 @@ For each query head ``h`` of each layer (see ``shared/ALPS_METHOD.md`` for the m
    ``Wq_h``, ``Wk_kv(h)``, ``Wv_kv(h)`` slices one after the other;
 2. tempered softmax over all its entries, ``P_h = softmax(vec(W_h) / tau)``;
 3. the distance between the base's and the task's ``P_h``: by default the Wasserstein-1 distance on the unit
-   support ``x_i = i / (N - 1)``, exactly ``sum_i |CDF_B(i) - CDF_T(i)| / (N - 1)``.
+   support ``x_i = i / (N - 1)``, exactly ``sum_i |CDF_B(i) - CDF_T(i)| / (N - 1)``, where the CDF gap is the
+   float64 cumulative sum of ``P_B - P_T``.
 
-The computation is vectorized over the heads of a layer and streams one layer of each model at a time. It is
-done in float64 and is bitwise reproducible: it does not depend on the number of torch threads (matrix
-products run single-threaded, every long sum is a sequential cumulative sum, everything else is
-element-wise or an exact max).
+How it is fast and small: the unit of work is one KV group of one layer. Its q/k/v rows are viewed in the
+checkpoint's memory map (no copy) and their pages released when the unit is done, and each head's matrix is built and reduced in blocks that stay in the CPU
+cache, in float64 buffers that are reused too (no fresh pages are faulted in, and memory does not grow with the
+model). Units run on ``torch.get_num_threads()`` worker threads; every torch call inside runs single-threaded
+and the blocks depend only on the geometry, so the scores are bitwise the same for any thread count.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
 import numpy as np
 import torch
 
-from .checkpoints import AttentionSource, LayerTensors, open_source
+from .checkpoints import AttentionSource, open_source
 from .layouts import HeadDims, head_parts
 from .scores import HeadScores
 
@@ -35,8 +39,10 @@ Variant = Literal["qkv_product", "qkv_concat"]
 METRICS: tuple[str, ...] = ("wasserstein", "kl", "js", "cosine", "euclidean")
 VARIANTS: tuple[str, ...] = ("qkv_product", "qkv_concat")
 
-# Heads of a layer are scored in chunks of at most this many float64 entries per model (bounds memory).
-CHUNK_ENTRIES = 1 << 20
+# A head's flattened matrix is processed in blocks of at most this many entries (whole rows of a qkv_product
+# matrix; never across the q/k/v parts of qkv_concat): a block of both models (2 x 512 KiB of float64) stays in a
+# core's L2 cache while it is converted, exponentiated, summed, differenced and scanned.
+BLOCK_ENTRIES = 1 << 17
 
 
 # ------------------------------------------------------------------------------------------ deterministic math
@@ -44,8 +50,8 @@ CHUNK_ENTRIES = 1 << 20
 
 @contextlib.contextmanager
 def _single_thread():
-    """Matrix products give bitwise different sums with different thread counts (MKL splits long inner
-    dimensions across threads); run them on one thread so scores never depend on ``torch.get_num_threads()``."""
+    """Reductions and matrix products give bitwise different sums with different thread counts; run every torch
+    call on one thread so that scores never depend on ``torch.get_num_threads()``."""
     previous = torch.get_num_threads()
     if previous == 1:
         yield
@@ -57,12 +63,23 @@ def _single_thread():
         torch.set_num_threads(previous)
 
 
-def _rowsum(x: torch.Tensor) -> torch.Tensor:
-    """Sum over the last dimension in a fixed sequential order (a cumulative sum's last entry).
+class _Workspace(threading.local):
+    """Float64 buffers of one worker thread, grown on demand and reused for every head."""
 
-    ``torch.sum`` splits a long row across threads, so its rounding depends on the thread count; a cumulative
-    sum is a sequential scan along the row (rows run in parallel, each one start to end)."""
-    return torch.cumsum(x, dim=-1)[..., -1]
+    def __init__(self):
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self.buffers.get(slot)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = self.buffers[slot] = torch.empty(numel, dtype=dtype)
+        return buf[:numel].view(shape)
+
+
+_WORKSPACE = _Workspace()
+
+Fill = Callable[[int, int, torch.Tensor], torch.Tensor]  # fill(start, stop, out): entries [start, stop) of a row
 
 
 def _shifted(x: torch.Tensor, tau: float) -> torch.Tensor:
@@ -73,116 +90,182 @@ def _shifted(x: torch.Tensor, tau: float) -> torch.Tensor:
     return x
 
 
-def _log_softmax(x: torch.Tensor, tau: float) -> torch.Tensor:
+def _log_softmax_(x: torch.Tensor, tau: float) -> torch.Tensor:
     x = _shifted(x, tau)
-    return x.sub_(torch.log(_rowsum(torch.exp(x)))[..., None])
+    return x.sub_(torch.log(torch.exp(x).sum(dim=-1, keepdim=True)))
 
 
-def wasserstein_rows(x_b: torch.Tensor, x_t: torch.Tensor, tau: float) -> torch.Tensor:
-    """W1 between ``softmax(x_b / tau)`` and ``softmax(x_t / tau)`` (rows) on the support ``i / (N - 1)``.
+# exp(x / tau) is used without the max shift while the row's sum lands here: no entry overflowed, and an entry
+# that underflowed to 0 had probability below exp(-708), far under float64's resolution of the row's mass.
+_SAFE_EXP_SUM = (1.0, 1e300)
 
-    Exactly ``sum_i |CDF_B(i) - CDF_T(i)| / (N - 1)`` (the last CDF entries are both exactly 1, so the last gap is
-    0). The CDFs are cumulative sums of ``exp`` in float64, normalized in place. Overwrites the inputs."""
-    n = x_b.shape[-1]
+
+def _exp_row(fill: Fill, blocks: list[tuple[int, int]], out: torch.Tensor, tau: float) -> float:
+    """``out = exp(x / tau)`` for the row ``x`` that ``fill`` writes block by block; returns ``sum(out)`` (softmax is
+    ``out / sum``). Shift-free (one pass fewer); if the sum leaves :data:`_SAFE_EXP_SUM` (overflow, or every entry
+    tiny), the row is written again and shifted by its max first."""
+    total = 0.0
+    for start, stop in blocks:
+        block = fill(start, stop, out[start:stop])
+        if tau != 1.0:
+            block.div_(tau)
+        total += float(block.exp_().sum())
+    if _SAFE_EXP_SUM[0] <= total <= _SAFE_EXP_SUM[1]:
+        return total
+    high = max(float(fill(start, stop, out[start:stop]).amax()) for start, stop in blocks)
+    total = 0.0
+    for start, stop in blocks:
+        block = fill(start, stop, out[start:stop]).sub_(high)
+        if tau != 1.0:
+            block.div_(tau)
+        total += float(block.exp_().sum())
+    return total
+
+
+def wasserstein_row(fill_b: Fill, fill_t: Fill, blocks: list[tuple[int, int]], tau: float) -> float:
+    """W1 between ``softmax(x_b / tau)`` and ``softmax(x_t / tau)`` on the support ``i / (N - 1)``, for the rows
+    that ``fill_b`` / ``fill_t`` write block by block.
+
+    Exactly ``sum_{i < N-1} |CDF_B(i) - CDF_T(i)| / (N - 1)`` (the last gap is 0 by definition). With ``e = exp``
+    and ``s`` its sum, ``CDF_B - CDF_T = cumsum(e_B - (s_B / s_T) e_T) / s_B``: one float64 cumulative sum of the
+    difference, carried from block to block (bitwise the same as over the whole row; no cancellation between
+    two CDFs near 1, no normalizing passes). Identical rows give exactly 0 (the ratio is then exactly 1)."""
+    n = blocks[-1][1]
     if n < 2:
-        return torch.zeros(x_b.shape[0], dtype=torch.float64)
-    c_b = _shifted(x_b, tau).exp_().cumsum_(dim=-1)
-    c_t = _shifted(x_t, tau).exp_().cumsum_(dim=-1)
-    # normalize both the same way, so that identical heads give exactly 0 (no fused multiply-add here)
-    gap = c_b.div_(c_b[..., -1:].clone()).sub_(c_t.div_(c_t[..., -1:].clone()))
-    with _single_thread():  # one thread: a vectorized but fixed-order reduction
-        return torch.linalg.vector_norm(gap, ord=1, dim=-1) / (n - 1)
+        return 0.0
+    e_b, e_t = _WORKSPACE.get("base", (n,)), _WORKSPACE.get("task", (n,))
+    s_b = _exp_row(fill_b, blocks, e_b, tau)
+    ratio = s_b / _exp_row(fill_t, blocks, e_t, tau)
+    carry = total = 0.0
+    for start, stop in blocks:
+        gap = e_b[start:stop].sub_(e_t[start:stop], alpha=ratio)
+        gap[:1].add_(carry)
+        gap.cumsum_(dim=0)
+        carry = float(gap[-1])
+        total += float(torch.linalg.vector_norm(gap if stop < n else gap[:-1], ord=1))
+    return total / (s_b * (n - 1))
 
 
-def _distance(x_b: torch.Tensor, x_t: torch.Tensor, metric: str, tau: float) -> torch.Tensor:
-    """Row-wise distance between ``softmax(x_b / tau)`` and ``softmax(x_t / tau)`` ([heads, N] -> [heads]).
-    Overwrites the inputs."""
+def _distance(fill_b: Fill, fill_t: Fill, blocks: list[tuple[int, int]], metric: str, tau: float) -> float:
+    """Distance between ``softmax(x_b / tau)`` and ``softmax(x_t / tau)`` for the rows that ``fill_b`` /
+    ``fill_t`` write block by block."""
     if metric == "wasserstein":
-        return wasserstein_rows(x_b, x_t, tau)
-    logp_b, logp_t = _log_softmax(x_b, tau), _log_softmax(x_t, tau)
+        return wasserstein_row(fill_b, fill_t, blocks, tau)
+    n = blocks[-1][1]
+    rows = []
+    for fill, slot in ((fill_b, "base"), (fill_t, "task")):
+        row = _WORKSPACE.get(slot, (1, n))
+        for start, stop in blocks:
+            fill(start, stop, row[0, start:stop])
+        rows.append(row)
+    logp_b, logp_t = _log_softmax_(rows[0], tau), _log_softmax_(rows[1], tau)
     p_b, p_t = torch.exp(logp_b), torch.exp(logp_t)
     if metric == "kl":
-        return _rowsum(p_b * (logp_b - logp_t))
-    if metric == "js":
+        out = (p_b * (logp_b - logp_t)).sum(dim=-1)
+    elif metric == "js":
         log_m = torch.logaddexp(logp_b, logp_t) - math.log(2.0)
-        return 0.5 * _rowsum(p_b * (logp_b - log_m)) + 0.5 * _rowsum(p_t * (logp_t - log_m))
-    if metric == "cosine":
-        dot = _rowsum(p_b * p_t)
-        return 1.0 - dot / torch.sqrt(_rowsum(p_b * p_b) * _rowsum(p_t * p_t))
-    if metric == "euclidean":
-        return torch.sqrt(_rowsum((p_b - p_t) ** 2))
-    raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+        out = 0.5 * (p_b * (logp_b - log_m)).sum(dim=-1) + 0.5 * (p_t * (logp_t - log_m)).sum(dim=-1)
+    elif metric == "cosine":
+        dot = (p_b * p_t).sum(dim=-1)
+        out = 1.0 - dot / torch.sqrt((p_b * p_b).sum(dim=-1) * (p_t * p_t).sum(dim=-1))
+    elif metric == "euclidean":
+        out = torch.linalg.vector_norm(p_b - p_t, dim=-1)
+    else:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
+    return float(out[0])
 
 
 # ------------------------------------------------------------------------------------------ per-head matrices
 
 
-class LayerHeads:
-    """The q/k/v slices of every head of one layer, float64, in ``[out, in]`` orientation.
+class HeadGroup:
+    """The q/k/v slices of the query heads that share one KV group of one layer, in ``[out, in]`` orientation and
+    the stored dtype: ``q`` ``[group_size, head_dim, hidden]``, ``k`` and ``v`` ``[1, head_dim, hidden]``.
 
-    ``q``: ``[num_heads, head_dim, hidden]`` (query head ``h``); ``k``, ``v``: ``[num_kv_heads, head_dim,
-    hidden]`` (KV group ``g``). Built only from :func:`peft_alps.layouts.head_parts`, so fused and transposed
-    projections of any registered family work.
+    Read from the source row by row (only these rows; views of the checkpoint's memory map, or of this thread's
+    reusable buffers ``<model>:<part>``), and located only through :func:`peft_alps.layouts.head_parts`, so fused and transposed projections of any
+    registered family work.
     """
 
-    def __init__(self, tensors: LayerTensors, dims: HeadDims, where: str):
+    def __init__(self, source: AttentionSource, layer: int, group: int, model: str):
+        dims = self.dims = source.dims
+        first = group * dims.group_size
+        self.heads = range(first, first + dims.group_size)
+        where = f"layer {layer} of {model} {source.name!r}"
         pieces: dict[str, torch.Tensor] = {}
-        # a representative query head for every KV group: its k/v pieces are the group's
-        heads = {"q": list(range(dims.num_heads)), "k": [g * dims.group_size for g in range(dims.num_kv_heads)]}
-        heads["v"] = heads["k"]
-        for proj, stored in tensors.items():
-            weight = stored.t() if proj.transposed else stored
-            expected_rows = _expected_rows(proj.role, dims)
-            if weight.dim() != 2 or weight.shape[0] != expected_rows:
+        for proj in source.projections:
+            shape, expected_rows = source.shape(layer, proj), _expected_rows(proj.role, dims)
+            if len(shape) != 2 or shape[0] != expected_rows:
                 raise ValueError(
-                    f"{where}: {proj.path} weight has shape {list(stored.shape)}"
-                    f"{' (stored transposed)' if proj.transposed else ''}, expected {expected_rows} output rows "
-                    f"for {dims.num_heads} heads / {dims.num_kv_heads} KV heads of head_dim {dims.head_dim}"
+                    f"{where}: {proj.path} weight has shape {list(shape)} in [out, in] orientation, expected "
+                    f"{expected_rows} output rows for {dims.num_heads} heads / {dims.num_kv_heads} KV heads of "
+                    f"head_dim {dims.head_dim}"
                 )
-            for part in head_parts(proj.role, dims, 0):
+            for part in head_parts(proj.role, dims, first):
                 if part == "o":
                     continue
-                rows = [row for h in heads[part] for row in head_parts(proj.role, dims, h)[part][1]]
-                if rows == list(range(rows[0], rows[0] + len(rows))):  # one block of rows: a view, no gather
-                    picked = weight[rows[0] : rows[0] + len(rows)]
-                else:
-                    picked = weight.index_select(0, torch.tensor(rows, dtype=torch.long))
-                shape = (len(heads[part]), dims.head_dim, weight.shape[1])
-                # kept in the stored dtype: float64 copies are made one chunk of heads at a time
-                pieces[part] = picked.reshape(shape)
+                heads = self.heads if part == "q" else [first]  # k/v: the group's own rows, once
+                rows = [row for h in heads for row in head_parts(proj.role, dims, h)[part][1]]
+
+                def buffer(shape, dtype, slot=f"{model}:{part}"):
+                    return _WORKSPACE.get(slot, shape, dtype)
+
+                weight = source.rows(layer, proj, rows, buffer)
+                pieces[part] = weight.reshape(len(heads), dims.head_dim, shape[1])
         missing = [part for part in ("q", "k", "v") if part not in pieces]
         if missing:
             raise ValueError(f"{where}: no projection provides the {'/'.join(missing)} weights of the heads")
         self.q, self.k, self.v = pieces["q"], pieces["k"], pieces["v"]
-        self.dims = dims
         self._kv: torch.Tensor | None = None
 
     @property
     def hidden(self) -> int:
         return self.q.shape[-1]
 
-    def entries(self, variant: str) -> int:
-        d, d_h = self.hidden, self.dims.head_dim
-        return d * d_h if variant == "qkv_product" else 3 * d_h * d
-
-    def matrices(self, variant: str, heads: range) -> torch.Tensor:
-        """``[len(heads), N]`` flattened per-head matrices (row-major)."""
-        groups = torch.tensor([self.dims.kv_group(h) for h in heads], dtype=torch.long)
-        q = self.q[heads.start : heads.stop]
-        if variant == "qkv_product":
+    def prepare(self, variant: str) -> None:
+        """Work shared by the group's heads (once, before they are scored): ``Wk_g @ Wv_g^T``, ``[d_h, d_h]``."""
+        if variant == "qkv_product" and self._kv is None:
             with _single_thread():
-                if self._kv is None:  # [g, d_h, d_h] = Wk_g @ Wv_g^T
-                    self._kv = torch.bmm(self.k.double(), self.v.double().transpose(1, 2))
-                q = q.to(torch.float64)
-                return torch.bmm(q.transpose(1, 2), self._kv.index_select(0, groups)).reshape(len(heads), -1)
-        if variant == "qkv_concat":
-            out = torch.empty(len(heads), self.entries(variant), dtype=torch.float64)
-            size = self.dims.head_dim * self.hidden
-            out[:, :size] = q.reshape(len(heads), -1)  # the copy converts to float64
-            out[:, size : 2 * size] = self.k.index_select(0, groups).reshape(len(heads), -1)
-            out[:, 2 * size :] = self.v.index_select(0, groups).reshape(len(heads), -1)
-            return out
+                k64 = _WORKSPACE.get("k64", tuple(self.k.shape[1:])).copy_(self.k[0])  # float64, reused buffers
+                v64 = _WORKSPACE.get("v64", tuple(self.v.shape[1:])).copy_(self.v[0])
+                self._kv = k64 @ v64.t()
+
+    def blocks(self, variant: str) -> list[tuple[int, int]]:
+        """``(start, stop)`` of the blocks of a head's flattened matrix (see :data:`BLOCK_ENTRIES`)."""
+        d, d_h = self.hidden, self.dims.head_dim
+        if variant == "qkv_product":  # whole rows of the d x d_h matrix
+            rows = max(1, BLOCK_ENTRIES // d_h)
+            return [(r * d_h, min(d, r + rows) * d_h) for r in range(0, d, rows)]
+        if variant == "qkv_concat":  # the q, k and v slices, each split alone
+            part = d_h * d
+            return [(p * part + o, p * part + min(part, o + BLOCK_ENTRIES))
+                    for p in range(3) for o in range(0, part, BLOCK_ENTRIES)]
         raise ValueError(f"unknown variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+
+    def filler(self, variant: str, index: int) -> Fill:
+        """``fill(start, stop, out)``: writes entries ``[start, stop)`` of the flattened matrix (row-major) of the
+        group's ``index``-th head into the float64 ``out`` and returns it. Only for the blocks of :meth:`blocks`."""
+        d_h = self.dims.head_dim
+        if variant == "qkv_product":
+            if self._kv is None:
+                raise RuntimeError("HeadGroup.prepare('qkv_product') must run before the heads are scored")
+            q, kv = self.q[index], self._kv  # [d_h, d], [d_h, d_h]
+
+            def fill(start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+                r0, r1 = start // d_h, stop // d_h  # rows r0..r1 of Wq_h^T @ kv: columns of q
+                q64 = _WORKSPACE.get("q64", (d_h, r1 - r0)).copy_(q[:, r0:r1])
+                torch.mm(q64.t(), kv, out=out.view(r1 - r0, d_h))
+                return out
+
+            return fill
+        parts = (self.q[index].reshape(-1), self.k[0].reshape(-1), self.v[0].reshape(-1))
+        size = d_h * self.hidden
+
+        def fill(start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+            part, offset = divmod(start, size)
+            return out.copy_(parts[part][offset : offset + stop - start])  # the copy converts to float64
+
+        return fill
 
 
 def _expected_rows(role: str, dims: HeadDims) -> int:
@@ -190,16 +273,32 @@ def _expected_rows(role: str, dims: HeadDims) -> int:
     return {"q": n * d, "k": g * d, "v": g * d, "qkv": (n + 2 * g) * d, "qkv_grouped": (n + 2 * g) * d}[role]
 
 
-def score_layer(base: LayerHeads, task: LayerHeads, metric: str = "wasserstein", variant: str = "qkv_product",
+def score_group(base: HeadGroup, task: HeadGroup, metric: str = "wasserstein", variant: str = "qkv_product",
                 tau: float = 1.0) -> np.ndarray:
-    """PAD scores (float64, ``[num_heads]``) of one layer from the base's and the task's head slices."""
-    n = base.dims.num_heads
-    chunk = max(1, CHUNK_ENTRIES // base.entries(variant))
-    out = torch.empty(n, dtype=torch.float64)
-    for start in range(0, n, chunk):
-        heads = range(start, min(n, start + chunk))
-        out[start : heads.stop] = _distance(base.matrices(variant, heads), task.matrices(variant, heads), metric, tau)
-    return out.numpy()
+    """PAD scores (float64, ``[group_size]``) of one KV group's query heads from the base's and the task's slices."""
+    with _single_thread():
+        base.prepare(variant)
+        task.prepare(variant)
+        blocks = base.blocks(variant)
+        return np.array([
+            _distance(base.filler(variant, i), task.filler(variant, i), blocks, metric, tau)
+            for i in range(len(base.heads))
+        ], dtype=np.float64)
+
+
+@contextlib.contextmanager
+def _parallel_map(workers: int):
+    """``map`` on ``workers`` threads (plain ``map`` for one), with torch single-threaded meanwhile (restored
+    after); pending items are dropped if one fails."""
+    with _single_thread():
+        if workers <= 1:
+            yield map
+            return
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="peft-alps-localize")
+        try:
+            yield pool.map
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 # ------------------------------------------------------------------------------------------------ public API
@@ -271,17 +370,27 @@ def localize_heads(
 
             wrap = progress if callable(progress) else tqdm
             layers = wrap(layers, desc="scoring heads", unit="layer")
+        def score(unit: tuple[int, int]) -> np.ndarray:  # one KV group of one layer, on one thread
+            layer, group = unit
+            try:
+                heads_b = HeadGroup(base_src, layer, group, "base")
+                heads_t = HeadGroup(task_src, layer, group, "task")
+                if heads_b.hidden != heads_t.hidden:
+                    raise ValueError(
+                        f"base {base_src.name!r} and task {task_src.name!r} differ in hidden size "
+                        f"({heads_b.hidden} vs {heads_t.hidden}); ALPS compares models of the same architecture"
+                    )
+                return score_group(heads_b, heads_t, metric, variant, tau)
+            finally:
+                base_src.release()
+                task_src.release()
+
         scores = np.empty((dims.num_layers, dims.num_heads), dtype=np.float64)
-        for layer in layers:
-            heads_b = LayerHeads(base_src.layer(layer), dims, f"layer {layer} of base {base_src.name!r}")
-            heads_t = LayerHeads(task_src.layer(layer), dims, f"layer {layer} of task {task_src.name!r}")
-            if heads_b.hidden != heads_t.hidden:
-                raise ValueError(
-                    f"base {base_src.name!r} and task {task_src.name!r} differ in hidden size "
-                    f"({heads_b.hidden} vs {heads_t.hidden}); ALPS compares models of the same architecture"
-                )
-            scores[layer] = score_layer(heads_b, heads_t, metric, variant, tau)
-            del heads_b, heads_t
+        units = [(layer, group) for layer in range(dims.num_layers) for group in range(dims.num_kv_heads)]
+        with _parallel_map(torch.get_num_threads()) as parallel_map:
+            results = parallel_map(score, units)
+            for layer in layers:
+                scores[layer] = np.concatenate([next(results) for _ in range(dims.num_kv_heads)])
         return HeadScores(
             scores=scores,
             metric=metric,

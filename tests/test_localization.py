@@ -69,6 +69,26 @@ def test_scores_match_scipy_oracle(num_kv_heads, variant):
     np.testing.assert_allclose(s.scores, expected, rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("case", ["overflow", "underflow"])
+def test_softmax_needing_the_max_shift_matches_the_oracle(case):
+    """The scorer exponentiates without the max shift when that is exact enough; when ``exp`` would overflow
+    (huge logits) or every entry is tiny (very negative logits), it must fall back to the shifted softmax."""
+    base, task = _pair(layers=2)
+    if case == "underflow":  # every q/k/v weight far below zero: exp(x / tau) ~ 0 everywhere
+        for model in (base, task):
+            with torch.no_grad():
+                for layer in model.model.layers:
+                    for name in ("q_proj", "k_proj", "v_proj"):
+                        getattr(layer.self_attn, name).weight.sub_(8.0)
+        variant, tau = "qkv_concat", 0.01
+    else:
+        variant, tau = "qkv_product", 2e-7  # entries (up to ~7e-4) / tau reach far beyond exp's float64 range (709)
+    s = localize_heads(base, task, variant=variant, tau=tau)
+    expected = _oracle(base, task, variant, tau)
+    assert np.isfinite(s.scores).all() and (expected > 0).all()
+    np.testing.assert_allclose(s.scores, expected, rtol=1e-6, atol=0)
+
+
 def _perturb_q(model, heads, scale=0.5):
     d = model.config.head_dim
     with torch.no_grad():
