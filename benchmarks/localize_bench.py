@@ -186,7 +186,7 @@ def worker(args: argparse.Namespace) -> None:
     scores = None
     if args.worker == "baseline":
         scores = authors_algorithm(args.base, args.task)
-    elif args.worker.startswith("ours:"):
+    elif args.worker.startswith("ours"):
         scores = ours(args.base, args.task, args.worker.split(":", 1)[1])
     elapsed = time.perf_counter() - start
     out = {"seconds": elapsed, "peak_rss": C.peak_rss_bytes(), "rss_after_imports": rss_before, "scores": scores}
@@ -223,12 +223,14 @@ def measure_shape(shape: PairShape, root: Path, args) -> dict[str, Any]:
     base, task = build_pair(shape, root, seed=args.seed)
     ckpt_bytes = sum(f.stat().st_size for f in base.glob("*.safetensors"))
     kinds = ["import"] + [f"ours:{v}" for v in args.variants if args.ours] + ["baseline"]
+    if args.ours and args.threads > 1:  # ours on one thread too, next to the others (not a target row)
+        kinds[-1:-1] = [f"ours@1:{v}" for v in args.variants]
     runs: dict[str, list[dict[str, Any]]] = {k: [] for k in kinds}
     for rep in range(args.reps):  # interleaved repetitions: a load burst hits every method alike
         for kind in kinds:
             if kind == "baseline" and rep >= args.baseline_reps:
                 continue
-            runs[kind].append(run_worker(kind, base, task, args.threads))
+            runs[kind].append(run_worker(kind, base, task, 1 if kind.startswith("ours@1") else args.threads))
     ref_rss = C.median([r["peak_rss"] for r in runs["import"]])
     point: dict[str, Any] = {
         "shape": {**asdict(shape), "head_dim": shape.head_dim, "attention_params": shape.attention_params},
@@ -297,6 +299,13 @@ def render(result: dict[str, Any]) -> str:
     for variant in result["args"]["variants"]:
         headers += [f"{variant} s", f"{variant} extra RSS MiB", f"{variant} speedup", f"{variant} RSS share"]
     lines.append(C.markdown_table(headers, rows))
+    single = [(p["shape"]["name"], v, p["methods"][f"ours@1:{v}"]) for p in result["points"]
+              for v in result["args"]["variants"] if f"ours@1:{v}" in p["methods"]]
+    if single:
+        lines += ["", "Ours on one torch thread, same runs (the baseline above used "
+                  f"{result['args']['threads']}): " + "; ".join(
+                      f"{name} {v}: {m['seconds']['median']:.2f} s ({m['speedup_vs_baseline']:.0f}x), "
+                      f"{C.mib(m['extra_peak_rss']):.1f} MiB" for name, v, m in single) + "."]
     agreements = [(p["shape"]["name"], p["agreement"]) for p in result["points"] if "agreement" in p]
     if agreements:
         lines += ["", "Same score on both sides (`qkv_concat`): " + "; ".join(
@@ -344,6 +353,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ main
 
 
+def torch_default_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smaller shapes (up to 8L x 16H x 1024), fewer repetitions")
@@ -352,7 +367,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--baseline-reps", type=int, help="runs of the (slow) baseline per shape")
     p.add_argument("--variants", nargs="*", default=["qkv_concat", "qkv_product"])
     p.add_argument("--no-ours", dest="ours", action="store_false", help="measure the baseline only")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=torch_default_threads(),
+                   help="torch threads for every method (default: torch's default, the machine's cores)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, help="where checkpoints are written (default: a temp dir, removed)")
     p.add_argument("--out", type=Path, default=C.RESULTS)
@@ -400,7 +416,7 @@ def main(argv=None) -> dict[str, Any]:
     result["targets"] = []
     for p in result["points"]:
         for kind, m in p["methods"].items():
-            if kind == "baseline":
+            if kind == "baseline" or kind.startswith("ours@1"):
                 continue
             result["targets"].append({
                 "shape": p["shape"]["name"], "variant": kind.split(":", 1)[1], "speedup": m["speedup_vs_baseline"],

@@ -59,13 +59,16 @@ def localize_section(data: dict[str, Any]) -> list[str]:
         for kind, m in p["methods"].items():
             if kind == "baseline":
                 continue
-            rows.append([p["shape"]["name"], kind.split(":", 1)[1], f"{b['seconds']['median']:.1f}",
+            threads = 1 if kind.startswith("ours@1") else data["args"]["threads"]
+            rows.append([p["shape"]["name"], f"{kind.split(':', 1)[1]}, {threads} thread{'s' * (threads > 1)}",
+                         f"{b['seconds']['median']:.1f}",
                          f"{m['seconds']['median']:.2f}", f"{m['speedup_vs_baseline']:.0f}x",
                          f"{C.mib(b['extra_peak_rss']):.0f}", f"{C.mib(m['extra_peak_rss']):.0f}",
                          f"{100 * m['extra_rss_share_of_baseline']:.0f}%"])
     return [
         "**Localization** (`benchmarks/localize_bench.py`; `localize_heads` vs the authors' algorithm: two whole "
-        "bf16 models + a per-head scipy loop; separate processes; targets >= 50x faster, <= 10% of the extra RSS):",
+        f"bf16 models + a per-head scipy loop, {data['args']['threads']} torch thread(s); separate processes; targets "
+        ">= 50x faster, <= 10% of the extra RSS):",
         "",
         C.markdown_table(["shape", "variant", "baseline s", "ours s", "speedup", "baseline extra RSS MiB",
                           "ours extra RSS MiB", "share"], rows),

@@ -21,6 +21,7 @@ and the blocks depend only on the geometry, so the scores are bitwise the same f
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import threading
 from collections.abc import Callable
@@ -43,6 +44,11 @@ VARIANTS: tuple[str, ...] = ("qkv_product", "qkv_concat")
 # matrix; never across the q/k/v parts of qkv_concat): a block of both models (2 x 512 KiB of float64) stays in a
 # core's L2 cache while it is converted, exponentiated, summed, differenced and scanned.
 BLOCK_ENTRIES = 1 << 17
+
+# Units run on several threads only when a layer has at least this many q/k/v weights: below it, the threads'
+# page faults and hand-offs cost more than they save (measured: 8 layers x 1.5M weights ran no faster on two
+# threads; 16 layers x 6.3M ran 1.4-1.5x faster).
+PARALLEL_MIN_LAYER_WEIGHTS = 4_000_000
 
 
 # ------------------------------------------------------------------------------------------ deterministic math
@@ -201,17 +207,13 @@ class HeadGroup:
                     f"{expected_rows} output rows for {dims.num_heads} heads / {dims.num_kv_heads} KV heads of "
                     f"head_dim {dims.head_dim}"
                 )
-            for part in head_parts(proj.role, dims, first):
-                if part == "o":
-                    continue
-                heads = self.heads if part == "q" else [first]  # k/v: the group's own rows, once
-                rows = [row for h in heads for row in head_parts(proj.role, dims, h)[part][1]]
+            for part, rows in _group_rows(proj.role, dims, group).items():
 
                 def buffer(shape, dtype, slot=f"{model}:{part}"):
                     return _WORKSPACE.get(slot, shape, dtype)
 
                 weight = source.rows(layer, proj, rows, buffer)
-                pieces[part] = weight.reshape(len(heads), dims.head_dim, shape[1])
+                pieces[part] = weight.reshape(-1, dims.head_dim, shape[1])
         missing = [part for part in ("q", "k", "v") if part not in pieces]
         if missing:
             raise ValueError(f"{where}: no projection provides the {'/'.join(missing)} weights of the heads")
@@ -268,6 +270,19 @@ class HeadGroup:
         return fill
 
 
+@functools.lru_cache(maxsize=1024)
+def _group_rows(role: str, dims: HeadDims, group: int) -> dict[str, list[int]]:
+    """Output rows of a projection of ``role`` that hold KV group ``group``'s q (all its query heads), k and v
+    (once) pieces: ``{part: rows}``, from :func:`peft_alps.layouts.head_parts` (the same for every layer)."""
+    heads = range(group * dims.group_size, (group + 1) * dims.group_size)
+    out = {}
+    for part in head_parts(role, dims, heads[0]):
+        if part != "o":
+            owners = heads if part == "q" else heads[:1]  # k/v: the group's own rows, once
+            out[part] = [row for h in owners for row in head_parts(role, dims, h)[part][1]]
+    return out
+
+
 def _expected_rows(role: str, dims: HeadDims) -> int:
     n, g, d = dims.num_heads, dims.num_kv_heads, dims.head_dim
     return {"q": n * d, "k": g * d, "v": g * d, "qkv": (n + 2 * g) * d, "qkv_grouped": (n + 2 * g) * d}[role]
@@ -277,6 +292,10 @@ def score_group(base: HeadGroup, task: HeadGroup, metric: str = "wasserstein", v
                 tau: float = 1.0) -> np.ndarray:
     """PAD scores (float64, ``[group_size]``) of one KV group's query heads from the base's and the task's slices."""
     with _single_thread():
+        if variant == "qkv_concat" and metric == "wasserstein" and len(base.heads) > 1:
+            shared = _concat_w1_shared_kv(base, task, tau)
+            if shared is not None:
+                return shared
         base.prepare(variant)
         task.prepare(variant)
         blocks = base.blocks(variant)
@@ -284,6 +303,53 @@ def score_group(base: HeadGroup, task: HeadGroup, metric: str = "wasserstein", v
             _distance(base.filler(variant, i), task.filler(variant, i), blocks, metric, tau)
             for i in range(len(base.heads))
         ], dtype=np.float64)
+
+
+def _concat_w1_shared_kv(base: HeadGroup, task: HeadGroup, tau: float) -> np.ndarray | None:
+    """W1 of every ``qkv_concat`` head of a KV group, with the group's k and v slices (two thirds of each head's
+    row, the same for all its heads) exponentiated and cumulatively summed once per model instead of per head.
+
+    For head ``h`` with ``e = exp(x / tau)``, sums ``s = s_q(h) + s_k + s_v`` and ``r = s_B / s_T``, the CDF gap
+    scaled by ``s_B`` is ``cumsum(e_B - r e_T)`` over the q slice, then ``carry + C_B - r C_T`` over the k and the
+    v slice, where ``C`` is the group's cumulative sum of that slice. Identical heads still give exactly 0 (then
+    ``r`` is exactly 1). Returns None when an unshifted ``exp`` is not safe (see :data:`_SAFE_EXP_SUM`); the
+    caller then scores head by head."""
+    size = base.dims.head_dim * base.hidden  # entries per slice
+    n = 3 * size
+    cumulative, kv_sums = [], []
+    for model, heads in (("base", base), ("task", task)):
+        c = _WORKSPACE.get(f"{model}:kv-cumsum", (2, size))
+        c[0].copy_(heads.k[0].reshape(-1))
+        c[1].copy_(heads.v[0].reshape(-1))
+        if tau != 1.0:
+            c.div_(tau)
+        c.exp_().cumsum_(dim=1)
+        cumulative.append(c)
+        kv_sums.append(float(c[0, -1]) + float(c[1, -1]))
+    gap_kv = _WORKSPACE.get("kv-gap", (size,))
+    out = np.empty(len(base.heads), dtype=np.float64)
+    for i in range(len(base.heads)):
+        sums, rows = [], []
+        for model, heads, kv_sum in (("base", base, kv_sums[0]), ("task", task, kv_sums[1])):
+            e = _WORKSPACE.get(model, (size,)).copy_(heads.q[i].reshape(-1))
+            if tau != 1.0:
+                e.div_(tau)
+            total = float(e.exp_().sum()) + kv_sum
+            if not _SAFE_EXP_SUM[0] <= total <= _SAFE_EXP_SUM[1]:
+                return None
+            sums.append(total)
+            rows.append(e)
+        ratio = sums[0] / sums[1]
+        gap = rows[0].sub_(rows[1], alpha=ratio).cumsum_(dim=0)
+        carry, total = float(gap[-1]), float(torch.linalg.vector_norm(gap, ord=1))
+        for part in (0, 1):
+            gap = torch.sub(cumulative[0][part], cumulative[1][part], alpha=ratio, out=gap_kv)
+            if carry:
+                gap.add_(carry)
+            total += float(torch.linalg.vector_norm(gap if part == 0 else gap[:-1], ord=1))
+            carry = float(gap[-1])
+        out[i] = total / (sums[0] * (n - 1))
+    return out
 
 
 @contextlib.contextmanager
@@ -387,7 +453,9 @@ def localize_heads(
 
         scores = np.empty((dims.num_layers, dims.num_heads), dtype=np.float64)
         units = [(layer, group) for layer in range(dims.num_layers) for group in range(dims.num_kv_heads)]
-        with _parallel_map(torch.get_num_threads()) as parallel_map:
+        layer_weights = sum(math.prod(base_src.shape(0, proj)) for proj in base_src.projections)
+        workers = torch.get_num_threads() if layer_weights >= PARALLEL_MIN_LAYER_WEIGHTS else 1
+        with _parallel_map(workers) as parallel_map:
             results = parallel_map(score, units)
             for layer in layers:
                 scores[layer] = np.concatenate([next(results) for _ in range(dims.num_kv_heads)])

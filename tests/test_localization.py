@@ -110,6 +110,7 @@ def test_perturbed_heads_rank_first(metric):
 def test_identical_models_score_zero_and_folders_equal_models(tmp_path):
     base, task = _pair()
     assert not localize_heads(base, base).scores.any()
+    assert not localize_heads(base, base, variant="qkv_concat").scores.any()
     base.save_pretrained(tmp_path / "b")
     task.save_pretrained(tmp_path / "t")
     from_models = localize_heads(base, task)
@@ -119,7 +120,10 @@ def test_identical_models_score_zero_and_folders_equal_models(tmp_path):
     assert from_folders.head_dims == {"num_layers": 3, "num_heads": 8, "num_kv_heads": 2, "head_dim": 8}
 
 
-def test_bitwise_identical_across_thread_counts():
+def test_bitwise_identical_across_thread_counts(monkeypatch):
+    import peft_alps.localization as localization
+
+    monkeypatch.setattr(localization, "PARALLEL_MIN_LAYER_WEIGHTS", 0)  # worker threads even for a tiny model
     base, task = _pair(layers=2)
     previous = torch.get_num_threads()
     results = []
