@@ -145,9 +145,11 @@ def wasserstein_row(fill_b: Fill, fill_t: Fill, blocks: list[tuple[int, int]], t
     carry = total = 0.0
     for start, stop in blocks:
         gap = e_b[start:stop].sub_(e_t[start:stop], alpha=ratio)
-        gap[:1].add_(carry)
+        if carry:
+            gap[:1].add_(carry)
         gap.cumsum_(dim=0)
-        carry = float(gap[-1])
+        if stop < n:
+            carry = float(gap[-1])
         total += float(torch.linalg.vector_norm(gap if stop < n else gap[:-1], ord=1))
     return total / (s_b * (n - 1))
 
