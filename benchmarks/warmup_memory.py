@@ -11,10 +11,13 @@ Methods:
   full_ft         every parameter trainable, torch AdamW
   lora_r16        PEFT LoRA r=16 on q/k/v/o, torch AdamW
   attn_plain      only the attention weights trainable, ordinary loop (all gradients kept until the step)
-  warmup          peft_alps.warmup(model, ...): float32 deltas on attention (the model is left untouched),
-                  optimizer step inside backward, so at most one attention gradient exists at a time
-  warmup_inplace  the same with in_place=True (what `peft-alps warmup` does): float32 weights trained directly
+  warmup          peft_alps.warmup(model, ..., optimizer="adamw"): float32 deltas on attention (the model is left
+                  untouched), optimizer step inside backward, so at most one attention gradient exists at a time
+  warmup_inplace  the same with in_place=True: float32 weights trained directly
   warmup_inplace_8bit   ... and bitsandbytes AdamW8bit (8-bit moments)
+  warmup_adafactor      optimizer="adafactor" (transformers' Adafactor without a first moment: one row and one
+                  column vector per matrix) through deltas: the Python API's defaults
+  warmup_inplace_adafactor   ... in place: what `peft-alps warmup` does by default
 
 Usage:
   python benchmarks/warmup_memory.py --quick      # minutes on 2 CPU cores
@@ -39,7 +42,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-METHODS = ("full_ft", "lora_r16", "attn_plain", "warmup", "warmup_inplace", "warmup_inplace_8bit")
+METHODS = ("full_ft", "lora_r16", "attn_plain", "warmup", "warmup_inplace", "warmup_inplace_8bit", "warmup_adafactor",
+           "warmup_inplace_adafactor")
 
 SHAPES = {
     "quick": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=8, num_attention_heads=12,
@@ -94,13 +98,16 @@ def worker(method: str, shape: dict, device: str) -> dict:
         attn = attention_modules(model)
         trainable = sum(m.weight.numel() for m in attn.values())
         t0 = time.perf_counter()
+        optimizer = "adamw8bit" if method.endswith("8bit") else "adafactor" if method.endswith("adafactor") else "adamw"
         result = warmup(
-            model, list(data), steps=steps, batch_size=batch, lr=1e-4, warmup_ratio=0.0,
-            optimizer="adamw8bit" if method.endswith("8bit") else "adamw", in_place="inplace" in method,
-            progress=False,
+            model, list(data), steps=steps, batch_size=batch, lr=1e-4, warmup_ratio=0.0, optimizer=optimizer,
+            in_place="inplace" in method, progress=False,
         )
         times = [(time.perf_counter() - t0) / steps]
-        state_bytes = trainable * (2 if method.endswith("8bit") else 8)  # two moments, 1 or 4 bytes each
+        if optimizer == "adafactor":  # one float32 row and column vector per weight matrix
+            state_bytes = sum(4 * sum(m.weight.shape) for m in attn.values())
+        else:  # two moments, 1 or 4 bytes each
+            state_bytes = trainable * (2 if optimizer == "adamw8bit" else 8)
         extra = {"checkpoint_tensor_mib": result.nbytes / 2**20}
     else:
         if method == "lora_r16":
@@ -174,19 +181,20 @@ def markdown(result: dict) -> str:
     lines = [
         f"Warm-up memory ({result['mode']}, {result['device']}): Llama-shaped, hidden {s['hidden_size']}, "
         f"{s['num_hidden_layers']} layers, vocab {s['vocab_size']}, batch {s['batch']} x {s['seq']} tokens, "
-        f"gradient checkpointing on for all, AdamW. Extra peak = {result['measure']}. "
+        f"gradient checkpointing on for all; AdamW unless the method says otherwise. Extra peak = {result['measure']}. "
         f"Command: `{result['command']}`.",
         "",
         "| method | trainable params | optimizer state (MiB) | extra peak memory (MiB) | vs full FT | vs LoRA r=16 |",
         "|---|---:|---:|---:|---:|---:|",
     ]
+    defaults = {"warmup_adafactor": " (API default)", "warmup_inplace_adafactor": " (CLI default)"}
     for r in result["rows"]:
         ratios = [
             f"{r['extra_peak_mib'] / by[ref]['extra_peak_mib']:.2f}x" if ref in by else "-"
             for ref in ("full_ft", "lora_r16")
         ]
         lines.append(
-            f"| {r['method']} | {r['trainable_params']:,} | {r['optimizer_state_mib']:.1f} | "
+            f"| {r['method']}{defaults.get(r['method'], '')} | {r['trainable_params']:,} | {r['optimizer_state_mib']:.1f} | "
             f"{r['extra_peak_mib']:.1f} | {ratios[0]} | {ratios[1]} |"
         )
     lines += ["", "Step times are in the JSON; on a shared CPU machine they measure the neighbours more than the method."]

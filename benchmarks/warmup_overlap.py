@@ -4,15 +4,17 @@ The paper (Table 10) finds that a task model trained on 10% of the data, or on t
 nearly the same ALPS results as a full SFT task model. This script checks our one-command version of that,
 ``peft_alps.warmup``, on the toy setup (``peft_alps.synthetic``):
 
-1. pretrain a small Llama-style base on the mixed multi-skill corpus (once, seed 0);
-2. per seed: derive a **full SFT** task model (all weights, all the task's training data, several epochs) and a
-   **warm-up** task model (``warmup``: attention only, one pass over ``--fraction`` (default 10%) of the same
-   training data); save both, localize heads of each against the base (W1 / PAD, qkv_product);
-3. compare the two head rankings: Jaccard index of the top-K sets (at several retention ratios) and Spearman
-   rank correlation of the scores, next to the chance level and the full-vs-full agreement across seeds
-   (how stable localization is at all at this scale);
-4. train ALPS from the base, at the same budget, on the top-10% heads of each ranking and on random heads, and
-   report task accuracy (exact match on held-out examples), mean +- std over seeds;
+1. pretrain a small Llama-style base on the multi-skill corpus **without** the task skill (once, seed 0);
+2. per seed: derive a **full SFT** task model (all weights, all the task's training data, several epochs) and
+   **warm-up** task models (``warmup``: attention only, one pass over ``--fraction`` (default 10%) of the same
+   training data; once with AdamW, once with the low-memory Adafactor); save them, localize heads of each
+   against the base (W1 / PAD, qkv_product);
+3. compare the head rankings: Jaccard index of the top-K sets (at several retention ratios) and Spearman rank
+   correlation of the scores, next to the chance level and the full-vs-full agreement across seeds (how stable
+   localization is at all at this scale);
+4. train ALPS from the base, at the same budget, on the top heads of each ranking and on random heads, and
+   report task token accuracy / exact match / answer loss on held-out examples, mean +- std over seeds, and the
+   paired (same seed) difference to ALPS on the full-SFT heads;
 5. report the warm-up checkpoint's size (attention tensors only) next to a full model checkpoint.
 
 Run ``python benchmarks/warmup_overlap.py --quick`` (minutes on 2 CPU cores) or without ``--quick``.
@@ -46,32 +48,36 @@ RATIOS = (0.1, 0.25, 0.5)
 
 @dataclass(frozen=True)
 class Setup:
+    """The toy setup of ``peft-alps demo`` (its model and training recipe): the base is pretrained on the other skills, never on the
+    task skill, so the task has to be learned (and the task model's heads move for it)."""
+
     width: int = 128
-    layers: int = 6
+    layers: int = 4
     heads: int = 8
     kv_heads: int = 4
-    ffn: int = 384
-    pretrain_steps: int = 1500
-    pretrain_examples: int = 40000
-    skill: str = "copy"
-    train_examples: int = 2000
-    sft_steps: int = 400
+    pretrain_steps: int = 800
+    pretrain_examples: int = 4000
+    pretrain_skills: tuple[str, ...] = ("text", "copy", "arithmetic", "brackets")
+    skill: str = "reverse"
+    train_examples: int = 4000
+    sft_steps: int = 300
     warmup_fraction: float = 0.1
-    warmup_batch: int = 8
-    warmup_lr: float = 1e-3
+    warmup_batch: int = 32
+    warmup_lr: float = 3e-3
+    warmup_optimizers: tuple[str, ...] = ("adamw", "adafactor")
+    ratio: float = 0.25
     alps_steps: int = 300
     batch: int = 32
-    lr: float = 1e-3
-    alps_lr: float = 1e-3
+    lr: float = 3e-3
+    alps_lr: float = 1e-2
     eval_examples: int = 300
     seeds: tuple[int, ...] = (0, 1, 2)
 
 
-QUICK = dict(width=64, layers=4, heads=8, kv_heads=4, ffn=192, pretrain_steps=400, pretrain_examples=12800,
-             train_examples=800, sft_steps=150, alps_steps=150, eval_examples=150, lr=3e-3, alps_lr=1e-2,
-             warmup_lr=3e-3, warmup_batch=4)
-TINY = dict(width=32, layers=2, heads=4, kv_heads=2, ffn=64, pretrain_steps=4, pretrain_examples=64,
-            train_examples=40, sft_steps=3, warmup_batch=4, alps_steps=2, batch=8, eval_examples=8, seeds=(0, 1))
+QUICK = dict(width=64, layers=4, heads=8, kv_heads=4, pretrain_steps=400, pretrain_examples=2000,
+             train_examples=2000, sft_steps=150, alps_steps=150, eval_examples=200)
+TINY = dict(width=32, layers=2, heads=4, kv_heads=2, pretrain_steps=4, pretrain_examples=64,
+            train_examples=80, sft_steps=3, warmup_batch=4, alps_steps=2, batch=8, eval_examples=8, seeds=(0, 1))
 
 
 def log(message: str) -> None:
@@ -81,69 +87,43 @@ def log(message: str) -> None:
 # ------------------------------------------------------------------------------------------------ training
 
 
-def make_config(setup: Setup):
-    from transformers import LlamaConfig
+def demo_settings(setup: Setup):
+    """The model and training recipe of ``peft-alps demo`` (``peft_alps.demo``) at this setup's sizes."""
+    from peft_alps.demo import DemoSettings
 
-    from peft_alps import synthetic
-
-    return LlamaConfig(
-        hidden_size=setup.width, intermediate_size=setup.ffn, num_hidden_layers=setup.layers,
-        num_attention_heads=setup.heads, num_key_value_heads=setup.kv_heads, head_dim=setup.width // setup.heads,
-        vocab_size=synthetic.VOCAB_SIZE, max_position_embeddings=64, tie_word_embeddings=False,
-    )
-
-
-def train(model, batches, steps: int, lr: float) -> list[float]:
-    """AdamW (0.9, 0.999), no weight decay, 10% linear warm-up then cosine to 10% (the paper's recipe)."""
-    from transformers import get_cosine_with_min_lr_schedule_with_warmup
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
-    schedule = get_cosine_with_min_lr_schedule_with_warmup(optimizer, math.ceil(0.1 * steps), steps, min_lr_rate=0.1)
-    model.train()
-    losses = []
-    for _, batch in zip(range(steps), batches):
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
-    model.eval()
-    return losses
+    return DemoSettings(hidden_size=setup.width, layers=setup.layers, heads=setup.heads, kv_heads=setup.kv_heads,
+                        batch_size=setup.batch, seed=0, progress=False)
 
 
 def pretrain(setup: Setup):
-    from transformers import AutoModelForCausalLM
+    """The demo's base: pretrained on ``pretrain_examples`` examples of the other skills (several epochs)."""
+    from peft_alps import demo, synthetic
 
-    from peft_alps import synthetic
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(make_config(setup))
-    corpus = synthetic.corpus(setup.pretrain_examples, seed=0)
-    losses = train(model, synthetic.batches(corpus, setup.batch, seed=0, loss_on="all"), setup.pretrain_steps, lr=3e-3)
-    return model, losses
+    settings = demo_settings(setup)
+    model = demo.build_model(settings)
+    corpus = synthetic.corpus(setup.pretrain_examples, seed=0, skills=setup.pretrain_skills)
+    loss = demo.train(model, corpus, setup.pretrain_steps, setup.lr, setup.batch, seed=0, loss_on="all", progress=False)
+    return model, loss
 
 
 def full_sft(base, examples, setup: Setup, seed: int):
-    from peft_alps import synthetic
+    from peft_alps import demo
 
     torch.manual_seed(seed)
     model = copy.deepcopy(base)
     model.requires_grad_(True)
-    train(model, synthetic.batches(examples, setup.batch, seed=seed), setup.sft_steps, lr=setup.lr)
+    demo.train(model, examples, setup.sft_steps, setup.lr, setup.batch, seed=seed, progress=False)
     return model
 
 
 def train_alps(base, heads, examples, setup: Setup, seed: int):
     from peft import get_peft_model
 
-    from peft_alps import AlpsConfig, synthetic
+    from peft_alps import AlpsConfig, demo
 
     torch.manual_seed(seed)
     model = get_peft_model(copy.deepcopy(base), AlpsConfig(target_heads=heads))
-    train(model, synthetic.batches(examples, setup.batch, seed=seed), setup.alps_steps, lr=setup.alps_lr)
+    demo.train(model, examples, setup.alps_steps, setup.alps_lr, setup.batch, seed=seed, progress=False)
     return model
 
 
@@ -168,11 +148,11 @@ def pairs(selection: dict[int, list[int]]) -> list[tuple[int, int]]:
     return [(layer, head) for layer, heads in selection.items() for head in heads]
 
 
-def compare(scores_a, scores_b) -> dict[str, Any]:
+def compare(scores_a, scores_b, ratios=RATIOS) -> dict[str, Any]:
     from scipy.stats import spearmanr
 
     out = {"spearman": float(spearmanr(scores_a.scores.ravel(), scores_b.scores.ravel()).statistic)}
-    for ratio in RATIOS:
+    for ratio in ratios:
         out[f"jaccard@{ratio}"] = jaccard(pairs(scores_a.top_k(ratio)), pairs(scores_b.top_k(ratio)))
     return out
 
@@ -195,7 +175,7 @@ def run(setup: Setup, workdir: Path) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     log(f"pretraining the base ({setup.pretrain_steps} steps)")
-    base, pre_losses = pretrain(setup)
+    base, pre_loss = pretrain(setup)
     base_dir = workdir / "base"
     base.save_pretrained(base_dir)
     full_bytes = (base_dir / "model.safetensors").stat().st_size
@@ -204,7 +184,8 @@ def run(setup: Setup, workdir: Path) -> dict[str, Any]:
     eval_set = synthetic.make_examples(setup.skill, setup.eval_examples, seed=2000)
     base_eval = synthetic.evaluate(base, eval_set)
     total_heads = setup.layers * setup.heads
-    k10 = num_selected(total_heads, 0.1)
+    k = num_selected(total_heads, setup.ratio)
+    ratios = sorted({*RATIOS, setup.ratio})
 
     per_seed, full_scores = [], {}
     for seed in setup.seeds:
@@ -215,65 +196,68 @@ def run(setup: Setup, workdir: Path) -> dict[str, Any]:
         sft_eval = synthetic.evaluate(task, eval_set)
         task.save_pretrained(workdir / f"full-{seed}")
         del task
-
-        log(f"seed {seed}: warm-up on {setup.warmup_fraction:.0%} of the data")
-        t0 = time.perf_counter()
-        warm = warmup(
-            base, train_set, fraction=setup.warmup_fraction, batch_size=setup.warmup_batch, lr=setup.warmup_lr,
-            seed=seed, output_dir=workdir / f"warm-{seed}", progress=False,
-        )
-        warm_s = time.perf_counter() - t0
-
         s_full = localize_heads(base_dir, workdir / f"full-{seed}")
-        s_warm = localize_heads(base_dir, warm)
         full_scores[seed] = s_full
-        row = {
-            "seed": seed,
-            "full_sft_seconds": sft_s,
-            "warmup_seconds": warm_s,
-            "full_sft_accuracy": sft_eval["accuracy"],
-            "warmup_steps": warm.metadata["steps"],
-            "warmup_examples": warm.metadata["examples_seen"],
-            "warmup_loss_first": warm.metadata["loss_first"],
-            "warmup_loss_last": warm.metadata["loss_last"],
-            "warmup_checkpoint_bytes": warm.metadata["checkpoint_bytes"],
-            "warmup_vs_full": compare(s_full, s_warm),
-            "heads_full": pairs(s_full.top_k(0.1)),
-            "heads_warmup": pairs(s_warm.top_k(0.1)),
-        }
-        random_heads = s_full.random(0.1, seed=seed)
-        for name, heads in (("full", s_full.top_k(0.1)), ("warmup", s_warm.top_k(0.1)), ("random", random_heads)):
-            log(f"seed {seed}: ALPS 10% on {name} heads")
+        row = {"seed": seed, "full_sft_seconds": sft_s, "full_sft": sft_eval, "heads_full": pairs(s_full.top_k(setup.ratio))}
+        selections = {"full": s_full.top_k(setup.ratio), "random": s_full.random(setup.ratio, seed=seed)}
+        for opt in setup.warmup_optimizers:
+            log(f"seed {seed}: warm-up ({opt}) on {setup.warmup_fraction:.0%} of the data")
+            t0 = time.perf_counter()
+            warm = warmup(
+                base, train_set, fraction=setup.warmup_fraction, batch_size=setup.warmup_batch, lr=setup.warmup_lr,
+                optimizer=opt, seed=seed, output_dir=workdir / f"warm-{opt}-{seed}", progress=False,
+            )
+            s_warm = localize_heads(base_dir, warm)
+            row[f"warmup_{opt}"] = {
+                "seconds": time.perf_counter() - t0,
+                "steps": warm.metadata["steps"],
+                "examples": warm.metadata["examples_seen"],
+                "loss_first": warm.metadata["loss_first"],
+                "loss_last": warm.metadata["loss_last"],
+                "checkpoint_bytes": warm.metadata["checkpoint_bytes"],
+                "vs_full": compare(s_full, s_warm, ratios),
+                "heads": pairs(s_warm.top_k(setup.ratio)),
+            }
+            selections[f"warmup_{opt}"] = s_warm.top_k(setup.ratio)
+        for name, heads in selections.items():
+            log(f"seed {seed}: ALPS {setup.ratio:.0%} on {name} heads")
             model = train_alps(base, heads, train_set, setup, seed)
             row[f"alps_{name}"] = synthetic.evaluate(model, eval_set)
             del model
         per_seed.append(row)
-        log(f"seed {seed}: {json.dumps(row['warmup_vs_full'])}; acc full {row['alps_full']['accuracy']:.3f} "
-            f"warm {row['alps_warmup']['accuracy']:.3f} random {row['alps_random']['accuracy']:.3f}")
+        log(f"seed {seed}: " + "; ".join(
+            f"{opt}: {json.dumps(row[f'warmup_{opt}']['vs_full'])}" for opt in setup.warmup_optimizers)
+            + "; token acc " + ", ".join(f"{n} {row[f'alps_{n}']['token_accuracy']:.3f}" for n in selections))
 
-    full_vs_full = [compare(full_scores[a], full_scores[b]) for a, b in itertools.combinations(setup.seeds, 2)]
-    keys = ["spearman"] + [f"jaccard@{r}" for r in RATIOS]
+    full_vs_full = [compare(full_scores[a], full_scores[b], ratios) for a, b in itertools.combinations(setup.seeds, 2)]
+    keys = ["spearman"] + [f"jaccard@{r}" for r in ratios]
+    names = ["full"] + [f"warmup_{opt}" for opt in setup.warmup_optimizers] + ["random"]
     summary = {
-        "warmup_vs_full": {k: mean_std([r["warmup_vs_full"][k] for r in per_seed]) for k in keys},
+        "warmup_vs_full": {opt: {k: mean_std([r[f"warmup_{opt}"]["vs_full"][k] for r in per_seed]) for k in keys}
+                           for opt in setup.warmup_optimizers},
         "full_vs_full_across_seeds": {k: mean_std([c[k] for c in full_vs_full]) for k in keys},
-        "chance": {f"jaccard@{r}": chance_jaccard(num_selected(total_heads, r), total_heads) for r in RATIOS}
+        "chance": {f"jaccard@{r}": chance_jaccard(num_selected(total_heads, r), total_heads) for r in ratios}
         | {"spearman": 0.0},
-        "alps_accuracy": {n: mean_std([r[f"alps_{n}"]["accuracy"] for r in per_seed]) for n in ("full", "warmup", "random")},
-        "alps_loss": {n: mean_std([r[f"alps_{n}"]["loss"] for r in per_seed]) for n in ("full", "warmup", "random")},
-        "full_sft_accuracy": mean_std([r["full_sft_accuracy"] for r in per_seed]),
-        "warmup_checkpoint_bytes": per_seed[0]["warmup_checkpoint_bytes"],
+        "alps": {n: {m: mean_std([r[f"alps_{n}"][m] for r in per_seed]) for m in ("token_accuracy", "accuracy", "loss")}
+                 for n in names},
+        # paired by seed: the same data order and initialization, only the heads differ
+        "alps_token_accuracy_minus_full": {n: mean_std([r[f"alps_{n}"]["token_accuracy"] - r["alps_full"]["token_accuracy"]
+                                                        for r in per_seed]) for n in names[1:]},
+        "full_sft": {m: mean_std([r["full_sft"][m] for r in per_seed]) for m in ("token_accuracy", "accuracy", "loss")},
+        "warmup_checkpoint_bytes": per_seed[0][f"warmup_{setup.warmup_optimizers[0]}"]["checkpoint_bytes"],
         "full_checkpoint_bytes": full_bytes,
-        "warmup_seconds": mean_std([r["warmup_seconds"] for r in per_seed]),
+        "warmup_seconds": {opt: mean_std([r[f"warmup_{opt}"]["seconds"] for r in per_seed]) for opt in setup.warmup_optimizers},
+        "warmup_steps": per_seed[0][f"warmup_{setup.warmup_optimizers[0]}"]["steps"],
         "full_sft_seconds": mean_std([r["full_sft_seconds"] for r in per_seed]),
     }
     return {
         "benchmark": "warmup_overlap",
         "setup": asdict(setup),
-        "k_at_0.1": k10,
+        "k": k,
         "total_heads": total_heads,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
         "base_eval": base_eval,
-        "pretrain_loss_last": pre_losses[-1],
+        "pretrain_loss_last": pre_loss,
         "per_seed": per_seed,
         "summary": summary,
         "seconds": time.perf_counter() - t_start,
@@ -286,36 +270,42 @@ def pm(stat: dict[str, float], digits: int = 3) -> str:
 
 def markdown(result: dict[str, Any], command: str) -> str:
     s, setup = result["summary"], result["setup"]
-    n = result["total_heads"]
+    n, opts = result["total_heads"], setup["warmup_optimizers"]
     lines = [
-        f"Warm-up vs full SFT task model ({setup['skill']}; Llama-style base, width {setup['width']}, "
-        f"{setup['layers']} layers x {setup['heads']} heads = {n} heads; seeds {list(setup['seeds'])}). "
-        f"Warm-up: attention only, one pass over {setup['warmup_fraction']:.0%} of the "
-        f"{setup['train_examples']} training examples; full SFT: all weights, {setup['sft_steps']} steps x "
-        f"{setup['batch']}; peak lr: full SFT {setup['lr']}, warm-up {setup['warmup_lr']} (batch {setup['warmup_batch']}), "
-        f"ALPS {setup['alps_lr']}. Command: `{command}`.",
+        f"Warm-up vs full SFT task model: toy `{setup['skill']}` task, which the base never saw (pretrained on "
+        f"{', '.join(setup['pretrain_skills'])}); Llama-style base, width {setup['width']}, {setup['layers']} layers x "
+        f"{setup['heads']} heads = {n} heads; seeds {list(setup['seeds'])}. Warm-up: attention only, one pass over "
+        f"{setup['warmup_fraction']:.0%} of the {setup['train_examples']} training examples ({s['warmup_steps']} steps x "
+        f"{setup['warmup_batch']}, lr {setup['warmup_lr']}); full SFT: all weights, {setup['sft_steps']} steps x "
+        f"{setup['batch']} (lr {setup['lr']}). Command: `{command}`.",
         "",
-        "| agreement of head rankings | warm-up vs full SFT | full SFT vs full SFT (other seed) | chance |",
-        "|---|---:|---:|---:|",
+        "| agreement with the full-SFT heads | " + " | ".join(f"warm-up, {o}" for o in opts)
+        + " | full SFT, other seed | chance |",
+        "|---|" + "---:|" * (len(opts) + 2),
     ]
-    for key in ["spearman"] + [f"jaccard@{r}" for r in RATIOS]:
+    for key in s["full_vs_full_across_seeds"]:
         label = "Spearman rank correlation of scores" if key == "spearman" else (
             f"Jaccard of top-{float(key.split('@')[1]):.0%} sets")
-        lines.append(f"| {label} | {pm(s['warmup_vs_full'][key])} | {pm(s['full_vs_full_across_seeds'][key])} | "
-                     f"{s['chance'][key]:.3f} |")
+        lines.append(f"| {label} | " + " | ".join(pm(s["warmup_vs_full"][o][key]) for o in opts)
+                     + f" | {pm(s['full_vs_full_across_seeds'][key])} | {s['chance'][key]:.3f} |")
     lines += [
         "",
-        f"| ALPS 10% ({result['k_at_0.1']} heads), {setup['alps_steps']} steps | task accuracy | task answer loss |",
-        "|---|---:|---:|",
+        f"| ALPS {setup['ratio']:.0%} ({result['k']} heads), {setup['alps_steps']} steps, lr {setup['alps_lr']} | "
+        "token accuracy | minus full-SFT heads (paired) | exact match | answer loss |",
+        "|---|---:|---:|---:|---:|",
     ]
-    for name, label in (("full", "heads from full SFT"), ("warmup", "heads from warm-up"), ("random", "random heads")):
-        lines.append(f"| {label} | {pm(s['alps_accuracy'][name])} | {pm(s['alps_loss'][name])} |")
+    labels = {"full": "heads from full SFT", "random": "random heads"} | {f"warmup_{o}": f"heads from warm-up ({o})" for o in opts}
+    for name, label in labels.items():
+        a = s["alps"][name]
+        diff = pm(s["alps_token_accuracy_minus_full"][name]) if name != "full" else "–"
+        lines.append(f"| {label} | {pm(a['token_accuracy'])} | {diff} | {pm(a['accuracy'])} | {pm(a['loss'])} |")
     lines += [
         "",
-        f"Base accuracy {result['base_eval']['accuracy']:.3f}; full SFT task model accuracy "
-        f"{pm(s['full_sft_accuracy'])}. Warm-up checkpoint: {s['warmup_checkpoint_bytes'] / 1024:.1f} KiB "
+        f"Base token accuracy {result['base_eval']['token_accuracy']:.3f}; full SFT task model "
+        f"{pm(s['full_sft']['token_accuracy'])}. Warm-up checkpoint: {s['warmup_checkpoint_bytes'] / 1024:.1f} KiB "
         f"(attention tensors only, float32) vs {s['full_checkpoint_bytes'] / 1024:.1f} KiB for the full model; "
-        f"warm-up {pm(s['warmup_seconds'], 1)} s vs full SFT {pm(s['full_sft_seconds'], 1)} s.",
+        + ", ".join(f"warm-up ({o}) {pm(s['warmup_seconds'][o], 1)} s" for o in opts)
+        + f" vs full SFT {pm(s['full_sft_seconds'], 1)} s.",
     ]
     return "\n".join(lines) + "\n"
 

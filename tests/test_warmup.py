@@ -77,13 +77,18 @@ def test_rest_of_the_network_is_frozen_during_training():
         assert not torch.allclose(patched(x).logits, model(x).logits)
 
 
-@pytest.mark.parametrize("checkpointing, in_place", [(False, False), (True, True)])
-def test_fused_step_matches_a_plain_adamw_loop(checkpointing, in_place):
-    """Oracle: a textbook loop (attention weights trainable, torch AdamW, constant lr, same batch)."""
+@pytest.mark.parametrize("checkpointing, in_place, optimizer",
+                         [(False, False, "adamw"), (True, True, "adamw"), (False, False, "adafactor"),
+                          (True, True, "adafactor")])
+def test_fused_step_matches_a_plain_loop(checkpointing, in_place, optimizer):
+    """Oracle: a textbook loop (attention weights trainable, torch AdamW or transformers' Adafactor with a fixed
+    lr and no first moment, constant lr, same batch)."""
+    from transformers.optimization import Adafactor
+
     data = token_data(n=4)
     model = tiny_llama(layers=2)
     result = warmup(
-        model, data, steps=2, lr=5e-3, batch_size=4, warmup_ratio=0.0, min_lr_ratio=1.0,
+        model, data, steps=2, lr=5e-3, batch_size=4, warmup_ratio=0.0, min_lr_ratio=1.0, optimizer=optimizer,
         gradient_checkpointing=checkpointing, in_place=in_place, progress=False,
     )
     if in_place:  # the model itself now holds the warmed-up weights
@@ -95,7 +100,10 @@ def test_fused_step_matches_a_plain_adamw_loop(checkpointing, in_place):
     params = [p for n, p in reference.named_parameters() if any(a in n for a in ATTN)]
     for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.AdamW(params, lr=5e-3, weight_decay=0.0)
+    if optimizer == "adamw":
+        opt = torch.optim.AdamW(params, lr=5e-3, weight_decay=0.0)
+    else:
+        opt = Adafactor(params, lr=5e-3, beta1=None, scale_parameter=False, relative_step=False, warmup_init=False)
     x = torch.tensor(data)
     order = torch.randperm(4, generator=torch.Generator().manual_seed(0))  # any order: one full batch per step
     reference.train()
@@ -279,6 +287,8 @@ def test_cli_warmup_then_localize(base_with_tokenizer, tmp_path, capsys):
     assert "saved 8 attention tensors" in printed and f"--task {out}" in printed
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert len(list(f.keys())) == 8 and all(".self_attn." in k for k in f.keys())
+    metadata = json.loads((out / "warmup.json").read_text())
+    assert metadata["optimizer"] == "adafactor" and metadata["in_place"] is True  # the low-memory defaults
 
     heads = tmp_path / "heads.json"
     assert main(["localize", "--base", str(base_with_tokenizer), "--task", str(out), "--output", str(heads),
@@ -362,8 +372,11 @@ def test_benchmark_scripts_run_in_tiny_mode(tmp_path, monkeypatch):
     overlap = load("warmup_overlap")
     result = overlap.main(["--tiny", "--output", str(tmp_path / "overlap")])
     summary = result["summary"]
-    assert set(summary["warmup_vs_full"]) == {"spearman", "jaccard@0.1", "jaccard@0.25", "jaccard@0.5"}
-    assert all(0.0 <= summary["warmup_vs_full"][f"jaccard@{r}"]["mean"] <= 1.0 for r in overlap.RATIOS)
+    assert set(summary["warmup_vs_full"]) == {"adamw", "adafactor"}
+    for agreement in summary["warmup_vs_full"].values():
+        assert set(agreement) == {"spearman", "jaccard@0.1", "jaccard@0.25", "jaccard@0.5"}
+        assert all(0.0 <= agreement[f"jaccard@{r}"]["mean"] <= 1.0 for r in overlap.RATIOS)
+    assert set(summary["alps"]) == {"full", "warmup_adamw", "warmup_adafactor", "random"}
     assert summary["warmup_checkpoint_bytes"] < summary["full_checkpoint_bytes"]
     assert "| Spearman rank correlation of scores |" in (tmp_path / "overlap.md").read_text()
     assert overlap.chance_jaccard(1, 4) == pytest.approx(1 / 4) and overlap.chance_jaccard(4, 4) == 1.0
