@@ -148,6 +148,20 @@ def pairs(selection: dict[int, list[int]]) -> list[tuple[int, int]]:
     return [(layer, head) for layer, heads in selection.items() for head in heads]
 
 
+def cheap_task_models(setup: Setup) -> dict[str, dict[str, Any]]:
+    """``warmup`` budgets to compare with full SFT: the warm-up (10% of the data, one pass) with each optimizer,
+    and, to tell the effect of the small budget from that of training only the attention, an attention-only SFT
+    with the full SFT's data, steps, lr and optimizer."""
+    out = {f"warmup_{opt}": dict(fraction=setup.warmup_fraction, batch_size=setup.warmup_batch, lr=setup.warmup_lr,
+                                 optimizer=opt) for opt in setup.warmup_optimizers}
+    out["attn_sft"] = dict(steps=setup.sft_steps, batch_size=setup.batch, lr=setup.lr, optimizer="adamw")
+    return out
+
+
+LABELS = {"warmup_adamw": "warm-up (AdamW)", "warmup_adafactor": "warm-up (Adafactor)",
+          "attn_sft": "attention-only SFT, full budget", "full": "full SFT", "random": "random"}
+
+
 def compare(scores_a, scores_b, ratios=RATIOS) -> dict[str, Any]:
     from scipy.stats import spearmanr
 
@@ -200,15 +214,12 @@ def run(setup: Setup, workdir: Path) -> dict[str, Any]:
         full_scores[seed] = s_full
         row = {"seed": seed, "full_sft_seconds": sft_s, "full_sft": sft_eval, "heads_full": pairs(s_full.top_k(setup.ratio))}
         selections = {"full": s_full.top_k(setup.ratio), "random": s_full.random(setup.ratio, seed=seed)}
-        for opt in setup.warmup_optimizers:
-            log(f"seed {seed}: warm-up ({opt}) on {setup.warmup_fraction:.0%} of the data")
+        for name, budget in cheap_task_models(setup).items():
+            log(f"seed {seed}: {name}: {budget}")
             t0 = time.perf_counter()
-            warm = warmup(
-                base, train_set, fraction=setup.warmup_fraction, batch_size=setup.warmup_batch, lr=setup.warmup_lr,
-                optimizer=opt, seed=seed, output_dir=workdir / f"warm-{opt}-{seed}", progress=False,
-            )
+            warm = warmup(base, train_set, seed=seed, output_dir=workdir / f"{name}-{seed}", progress=False, **budget)
             s_warm = localize_heads(base_dir, warm)
-            row[f"warmup_{opt}"] = {
+            row[name] = {
                 "seconds": time.perf_counter() - t0,
                 "steps": warm.metadata["steps"],
                 "examples": warm.metadata["examples_seen"],
@@ -218,7 +229,7 @@ def run(setup: Setup, workdir: Path) -> dict[str, Any]:
                 "vs_full": compare(s_full, s_warm, ratios),
                 "heads": pairs(s_warm.top_k(setup.ratio)),
             }
-            selections[f"warmup_{opt}"] = s_warm.top_k(setup.ratio)
+            selections[name] = s_warm.top_k(setup.ratio)
         for name, heads in selections.items():
             log(f"seed {seed}: ALPS {setup.ratio:.0%} on {name} heads")
             model = train_alps(base, heads, train_set, setup, seed)
@@ -226,15 +237,16 @@ def run(setup: Setup, workdir: Path) -> dict[str, Any]:
             del model
         per_seed.append(row)
         log(f"seed {seed}: " + "; ".join(
-            f"{opt}: {json.dumps(row[f'warmup_{opt}']['vs_full'])}" for opt in setup.warmup_optimizers)
+            f"{name}: {json.dumps(row[name]['vs_full'])}" for name in cheap_task_models(setup))
             + "; token acc " + ", ".join(f"{n} {row[f'alps_{n}']['token_accuracy']:.3f}" for n in selections))
 
     full_vs_full = [compare(full_scores[a], full_scores[b], ratios) for a, b in itertools.combinations(setup.seeds, 2)]
     keys = ["spearman"] + [f"jaccard@{r}" for r in ratios]
-    names = ["full"] + [f"warmup_{opt}" for opt in setup.warmup_optimizers] + ["random"]
+    cheap = list(cheap_task_models(setup))
+    names = ["full", *cheap, "random"]
     summary = {
-        "warmup_vs_full": {opt: {k: mean_std([r[f"warmup_{opt}"]["vs_full"][k] for r in per_seed]) for k in keys}
-                           for opt in setup.warmup_optimizers},
+        "warmup_vs_full": {name: {k: mean_std([r[name]["vs_full"][k] for r in per_seed]) for k in keys}
+                           for name in cheap},
         "full_vs_full_across_seeds": {k: mean_std([c[k] for c in full_vs_full]) for k in keys},
         "chance": {f"jaccard@{r}": chance_jaccard(num_selected(total_heads, r), total_heads) for r in ratios}
         | {"spearman": 0.0},
@@ -244,10 +256,10 @@ def run(setup: Setup, workdir: Path) -> dict[str, Any]:
         "alps_token_accuracy_minus_full": {n: mean_std([r[f"alps_{n}"]["token_accuracy"] - r["alps_full"]["token_accuracy"]
                                                         for r in per_seed]) for n in names[1:]},
         "full_sft": {m: mean_std([r["full_sft"][m] for r in per_seed]) for m in ("token_accuracy", "accuracy", "loss")},
-        "warmup_checkpoint_bytes": per_seed[0][f"warmup_{setup.warmup_optimizers[0]}"]["checkpoint_bytes"],
+        "warmup_checkpoint_bytes": per_seed[0][cheap[0]]["checkpoint_bytes"],
         "full_checkpoint_bytes": full_bytes,
-        "warmup_seconds": {opt: mean_std([r[f"warmup_{opt}"]["seconds"] for r in per_seed]) for opt in setup.warmup_optimizers},
-        "warmup_steps": per_seed[0][f"warmup_{setup.warmup_optimizers[0]}"]["steps"],
+        "warmup_seconds": {name: mean_std([r[name]["seconds"] for r in per_seed]) for name in cheap},
+        "warmup_steps": per_seed[0][cheap[0]]["steps"],
         "full_sft_seconds": mean_std([r["full_sft_seconds"] for r in per_seed]),
     }
     return {
@@ -270,7 +282,7 @@ def pm(stat: dict[str, float], digits: int = 3) -> str:
 
 def markdown(result: dict[str, Any], command: str) -> str:
     s, setup = result["summary"], result["setup"]
-    n, opts = result["total_heads"], setup["warmup_optimizers"]
+    n, cheap = result["total_heads"], list(s["warmup_vs_full"])
     lines = [
         f"Warm-up vs full SFT task model: toy `{setup['skill']}` task, which the base never saw (pretrained on "
         f"{', '.join(setup['pretrain_skills'])}); Llama-style base, width {setup['width']}, {setup['layers']} layers x "
@@ -279,14 +291,14 @@ def markdown(result: dict[str, Any], command: str) -> str:
         f"{setup['warmup_batch']}, lr {setup['warmup_lr']}); full SFT: all weights, {setup['sft_steps']} steps x "
         f"{setup['batch']} (lr {setup['lr']}). Command: `{command}`.",
         "",
-        "| agreement with the full-SFT heads | " + " | ".join(f"warm-up, {o}" for o in opts)
+        "| agreement with the full-SFT heads | " + " | ".join(LABELS.get(c, c) for c in cheap)
         + " | full SFT, other seed | chance |",
-        "|---|" + "---:|" * (len(opts) + 2),
+        "|---|" + "---:|" * (len(cheap) + 2),
     ]
     for key in s["full_vs_full_across_seeds"]:
         label = "Spearman rank correlation of scores" if key == "spearman" else (
             f"Jaccard of top-{float(key.split('@')[1]):.0%} sets")
-        lines.append(f"| {label} | " + " | ".join(pm(s["warmup_vs_full"][o][key]) for o in opts)
+        lines.append(f"| {label} | " + " | ".join(pm(s["warmup_vs_full"][c][key]) for c in cheap)
                      + f" | {pm(s['full_vs_full_across_seeds'][key])} | {s['chance'][key]:.3f} |")
     lines += [
         "",
@@ -294,8 +306,8 @@ def markdown(result: dict[str, Any], command: str) -> str:
         "token accuracy | minus full-SFT heads (paired) | exact match | answer loss |",
         "|---|---:|---:|---:|---:|",
     ]
-    labels = {"full": "heads from full SFT", "random": "random heads"} | {f"warmup_{o}": f"heads from warm-up ({o})" for o in opts}
-    for name, label in labels.items():
+    for name in ["full", *cheap, "random"]:
+        label = "random heads" if name == "random" else f"heads from {LABELS.get(name, name)}"
         a = s["alps"][name]
         diff = pm(s["alps_token_accuracy_minus_full"][name]) if name != "full" else "–"
         lines.append(f"| {label} | {pm(a['token_accuracy'])} | {diff} | {pm(a['accuracy'])} | {pm(a['loss'])} |")
@@ -304,7 +316,7 @@ def markdown(result: dict[str, Any], command: str) -> str:
         f"Base token accuracy {result['base_eval']['token_accuracy']:.3f}; full SFT task model "
         f"{pm(s['full_sft']['token_accuracy'])}. Warm-up checkpoint: {s['warmup_checkpoint_bytes'] / 1024:.1f} KiB "
         f"(attention tensors only, float32) vs {s['full_checkpoint_bytes'] / 1024:.1f} KiB for the full model; "
-        + ", ".join(f"warm-up ({o}) {pm(s['warmup_seconds'][o], 1)} s" for o in opts)
+        + ", ".join(f"{LABELS.get(c, c)} {pm(s['warmup_seconds'][c], 1)} s" for c in cheap)
         + f" vs full SFT {pm(s['full_sft_seconds'], 1)} s.",
     ]
     return "\n".join(lines) + "\n"

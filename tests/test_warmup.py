@@ -372,11 +372,11 @@ def test_benchmark_scripts_run_in_tiny_mode(tmp_path, monkeypatch):
     overlap = load("warmup_overlap")
     result = overlap.main(["--tiny", "--output", str(tmp_path / "overlap")])
     summary = result["summary"]
-    assert set(summary["warmup_vs_full"]) == {"adamw", "adafactor"}
+    assert set(summary["warmup_vs_full"]) == {"warmup_adamw", "warmup_adafactor", "attn_sft"}
     for agreement in summary["warmup_vs_full"].values():
         assert set(agreement) == {"spearman", "jaccard@0.1", "jaccard@0.25", "jaccard@0.5"}
         assert all(0.0 <= agreement[f"jaccard@{r}"]["mean"] <= 1.0 for r in overlap.RATIOS)
-    assert set(summary["alps"]) == {"full", "warmup_adamw", "warmup_adafactor", "random"}
+    assert set(summary["alps"]) == {"full", "warmup_adamw", "warmup_adafactor", "attn_sft", "random"}
     assert summary["warmup_checkpoint_bytes"] < summary["full_checkpoint_bytes"]
     assert "| Spearman rank correlation of scores |" in (tmp_path / "overlap.md").read_text()
     assert overlap.chance_jaccard(1, 4) == pytest.approx(1 / 4) and overlap.chance_jaccard(4, 4) == 1.0
