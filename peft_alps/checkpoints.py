@@ -1,15 +1,18 @@
-"""Read a model's attention weights one layer at a time: from a checkpoint folder, a Hub repo or a live model.
+"""Read a model's attention weights a few rows at a time: from a checkpoint folder, a Hub repo or a live model.
 
-Localization compares two models weight by weight and needs only their q/k/v projections. This module hands
-those out layer by layer so that at most one layer of each model is in memory at a time:
+Localization compares two models weight by weight and needs only their q/k/v projections. An
+:class:`AttentionSource` hands out the rows of one projection (:meth:`AttentionSource.rows`; localization asks for
+one KV group of one layer at a time) or a whole layer (:meth:`AttentionSource.layer`):
 
-* a **checkpoint folder** (``config.json`` + ``*.safetensors``, sharded or not) is read tensor by tensor with
-  ``safetensors.safe_open`` (memory-mapped; nothing else in the file is touched). A folder that holds only the
-  attention tensors is fine;
+* a **checkpoint folder** (``config.json`` + ``*.safetensors``, sharded or not): the files are checked with
+  ``safetensors.safe_open``, and rows are zero-copy views of the file's memory map, whose pages are dropped from
+  the process's memory by :meth:`AttentionSource.release` (nothing else in the file is read). A folder that holds
+  only the attention tensors is fine;
 * a **Hub repo id** is resolved through ``huggingface_hub``: ``config.json``, the shard index, and only the
-  shards that hold attention tensors are fetched (from the local cache when ``HF_HUB_OFFLINE=1``);
+  shards that hold attention tensors are fetched (from the local cache when ``HF_HUB_OFFLINE=1``), then read
+  like a folder;
 * an in-memory **transformers model** is read module by module; a bitsandbytes 4/8-bit weight is
-  dequantized one layer at a time.
+  dequantized one layer at a time (the last few layers are kept while their rows are asked for).
 
 Heads are located only through the head-layout registry (:mod:`peft_alps.layouts`), so every registered
 family works, including fused (``qkv``) and transposed (GPT-2 ``Conv1D``) storage.
