@@ -327,6 +327,25 @@ def test_non_finite_weights_are_named(tmp_path):
         localize_heads(tiny_llama(), tmp_path / "t", variant="qkv_concat")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_checkpoints_finite_check(dtype, tmp_path):
+    """The NaN/inf check is a plain sum in the stored dtype: a float16 row sum of large finite weights must not
+    overflow into a false alarm, and one -inf weight is still found and named (in a folder read row by row)."""
+    base = tiny_llama().to(dtype)
+    task = tiny_llama().to(dtype)
+    with torch.no_grad():
+        task.model.layers[1].self_attn.q_proj.weight[:, :].fill_(6e4 if dtype == torch.float16 else 3e38)
+    base.save_pretrained(tmp_path / "b")
+    task.save_pretrained(tmp_path / "t")
+    scores = localize_heads(tmp_path / "b", tmp_path / "t", variant="qkv_concat", tau=1e5 if dtype == torch.float16 else 1e38)
+    assert np.isfinite(scores.scores).all() and scores.scores[1].min() > scores.scores[0].max()
+    with torch.no_grad():
+        task.model.layers[0].self_attn.v_proj.weight[2, 5] = float("-inf")
+    task.save_pretrained(tmp_path / "t2")
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.v_proj\.weight.*1 NaN/inf value"):
+        localize_heads(tmp_path / "b", tmp_path / "t2", variant="qkv_concat")
+
+
 def test_checkpoint_without_attention_tensors_is_named(tmp_path):
     base = tiny_llama()
     base.save_pretrained(tmp_path / "t")
