@@ -322,6 +322,22 @@ def markdown(result: dict[str, Any], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parse_overrides(setup: Setup, items: list[str]) -> dict[str, Any]:
+    """``["width=256", "seeds=0,1"]`` -> typed values for :class:`Setup` fields (tuples from commas)."""
+    out: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not hasattr(setup, name):
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with FIELD one of {', '.join(asdict(setup))}")
+        current = getattr(setup, name)
+        if isinstance(current, tuple):
+            kind = type(current[0]) if current else str
+            out[name] = tuple(kind(x) for x in text.split(","))
+        else:
+            out[name] = type(current)(text)
+    return out
+
+
 def main(argv=None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a small setup: minutes on 2 CPU cores")
@@ -329,6 +345,8 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--skill", default=None)
     parser.add_argument("--seeds", type=int, default=None, help="number of seeds (>= 3 for the committed table)")
     parser.add_argument("--warmup-fraction", type=float, default=None, help="share of the data the warm-up sees")
+    parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="override Setup fields, e.g. --set width=256 layers=6 sft_steps=600")
     parser.add_argument("--output", default=str(RESULTS / "warmup_overlap"), help="output path without suffix")
     args = parser.parse_args(argv)
     setup = Setup()
@@ -342,11 +360,13 @@ def main(argv=None) -> dict[str, Any]:
         setup = replace(setup, seeds=tuple(range(args.seeds)))
     if args.warmup_fraction:
         setup = replace(setup, warmup_fraction=args.warmup_fraction)
+    setup = replace(setup, **parse_overrides(setup, args.set))
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     with tempfile.TemporaryDirectory() as tmp:
         result = run(setup, Path(tmp))
     command = "python benchmarks/warmup_overlap.py" + (" --quick" if args.quick else "") + (
-        f" --warmup-fraction {args.warmup_fraction}" if args.warmup_fraction else "")
+        f" --warmup-fraction {args.warmup_fraction}" if args.warmup_fraction else "") + (
+        f" --set {' '.join(args.set)}" if args.set else "")
     result["command"] = command
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
