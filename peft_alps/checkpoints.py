@@ -27,7 +27,7 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,6 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 
 LayerTensors = dict[Projection, torch.Tensor]  # stored weight of each scored projection of one layer
-Buffer = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]  # reusable memory: buffer(shape, dtype)
 LAYER_CACHE = 3  # layers kept by AttentionSource.rows (threads score neighbouring layers at the same time)
 # safetensors dtypes whose bytes are read straight into a torch tensor (others go through safe_open)
 # A fault on a mapped file page maps its whole page-cache folio (Linux: up to 2 MiB, one PMD), so pages are released
@@ -76,10 +75,9 @@ class AttentionSource:
         projections, checked to be finite."""
         raise NotImplementedError
 
-    def rows(self, layer: int, proj: Projection, rows: list[int], buffer: Buffer | None = None) -> torch.Tensor:
+    def rows(self, layer: int, proj: Projection, rows: list[int]) -> torch.Tensor:
         """Rows ``rows`` of one scored projection's weight in ``[out, in]`` orientation, in the stored dtype,
-        checked to be finite. Safe to call from several threads. ``buffer(shape, dtype)`` may supply reusable
-        memory for the result (valid until the caller's next use of that buffer).
+        checked to be finite. Safe to call from several threads.
 
         This default slices :meth:`layer`, keeping the last few layers read (shared by the threads that score
         their heads)."""
@@ -207,7 +205,7 @@ class SafetensorsSource(AttentionSource):
         start, header, mapping = self._spans[path]
         return start, header[tensor_name], mapping
 
-    def rows(self, layer: int, proj: Projection, rows: list[int], buffer: Buffer | None = None) -> torch.Tensor:
+    def rows(self, layer: int, proj: Projection, rows: list[int]) -> torch.Tensor:
         """Views the rows in the file's memory map (no copy; only their pages are read). The pages stay counted
         in the process's memory until :meth:`release`. Transposed or unusual storage goes through the default
         (whole tensors via ``safe_open``)."""
@@ -215,7 +213,7 @@ class SafetensorsSource(AttentionSource):
         start, entry, mapping = self._span(path, tensor_name)
         dtype, shape = _RAW_DTYPES.get(entry["dtype"]), entry["shape"]
         if proj.transposed or dtype is None or len(shape) != 2:
-            return super().rows(layer, proj, rows, buffer)
+            return super().rows(layer, proj, rows)
         row_bytes = shape[1] * dtype.itemsize
         first_byte = start + entry["data_offsets"][0]
         pieces = []

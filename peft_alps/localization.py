@@ -75,11 +75,11 @@ class _Workspace(threading.local):
     def __init__(self):
         self.buffers: dict[str, torch.Tensor] = {}
 
-    def get(self, slot: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    def get(self, slot: str, shape: tuple[int, ...]) -> torch.Tensor:
         numel = math.prod(shape)
         buf = self.buffers.get(slot)
-        if buf is None or buf.numel() < numel or buf.dtype != dtype:
-            buf = self.buffers[slot] = torch.empty(numel, dtype=dtype)
+        if buf is None or buf.numel() < numel:
+            buf = self.buffers[slot] = torch.empty(numel, dtype=torch.float64)
         return buf[:numel].view(shape)
 
 
@@ -190,9 +190,8 @@ class HeadGroup:
     """The q/k/v slices of the query heads that share one KV group of one layer, in ``[out, in]`` orientation and
     the stored dtype: ``q`` ``[group_size, head_dim, hidden]``, ``k`` and ``v`` ``[1, head_dim, hidden]``.
 
-    Read from the source row by row (only these rows; views of the checkpoint's memory map, or of this thread's
-    reusable buffers ``<model>:<part>``), and located only through :func:`peft_alps.layouts.head_parts`, so fused and transposed projections of any
-    registered family work.
+    Only these rows are read (views of the checkpoint's memory map where it has one), located through
+    :func:`peft_alps.layouts.head_parts`, so fused and transposed projections of any registered family work.
     """
 
     def __init__(self, source: AttentionSource, layer: int, group: int, model: str):
@@ -210,12 +209,7 @@ class HeadGroup:
                     f"head_dim {dims.head_dim}"
                 )
             for part, rows in _group_rows(proj.role, dims, group).items():
-
-                def buffer(shape, dtype, slot=f"{model}:{part}"):
-                    return _WORKSPACE.get(slot, shape, dtype)
-
-                weight = source.rows(layer, proj, rows, buffer)
-                pieces[part] = weight.reshape(-1, dims.head_dim, shape[1])
+                pieces[part] = source.rows(layer, proj, rows).reshape(-1, dims.head_dim, shape[1])
         missing = [part for part in ("q", "k", "v") if part not in pieces]
         if missing:
             raise ValueError(f"{where}: no projection provides the {'/'.join(missing)} weights of the heads")
