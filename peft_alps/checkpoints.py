@@ -133,14 +133,19 @@ def _claim(slots: dict, slot: tuple[int, Projection], name: str, value: Any, sou
         )
 
 
+def _sum_is_finite(tensor: torch.Tensor) -> bool:
+    """A cheap necessary test for finite weights: a plain sum is NaN/inf if any entry is, and otherwise only if it
+    overflows (the caller then counts exactly). ~40x cheaper than ``isfinite()``. (A float16 sum is taken in
+    float32: 65504 is within reach.)"""
+    total = tensor.sum(dtype=torch.float32) if tensor.dtype == torch.float16 else tensor.sum()
+    return math.isfinite(float(total))
+
+
 def _check_finite(tensor: torch.Tensor, name: str, where: str) -> torch.Tensor:
-    """Refuse NaN/inf weights. A plain sum is NaN/inf if any entry is, and otherwise only if the sum overflows,
-    which the exact count below then rules out. It is ~40x cheaper than ``isfinite()``, and this is where the
-    mapped checkpoint pages are first read. (A float16 sum is taken in float32: 65504 is within reach.)"""
+    """Refuse NaN/inf weights, naming the tensor and counting them (see :func:`_sum_is_finite`)."""
     if not tensor.is_floating_point():
         return tensor
-    total = tensor.sum(dtype=torch.float32) if tensor.dtype == torch.float16 else tensor.sum()
-    if not math.isfinite(float(total)) and (bad := int((~torch.isfinite(tensor)).sum())):
+    if not _sum_is_finite(tensor) and (bad := int((~torch.isfinite(tensor)).sum())):
         raise ValueError(
             f"tensor {name!r} of {where} has {bad} NaN/inf value(s); head scores need finite weights. "
             "Check the checkpoint (a diverged fine-tune or a broken conversion)."
@@ -224,8 +229,7 @@ class SafetensorsSource(AttentionSource):
             pieces.append(torch.frombuffer(mapping, dtype=dtype, count=(stop - first) * shape[1], offset=offset))
             self._touched.__dict__.setdefault("ranges", []).append((mapping, offset, (stop - first) * row_bytes))
         out = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).view(len(rows), shape[1])
-        total = out.sum(dtype=torch.float32) if dtype == torch.float16 else out.sum()
-        if not math.isfinite(float(total)):  # name the tensor and count its bad values
+        if not _sum_is_finite(out):  # name the tensor and count its bad values over all of it
             with _open_safetensors(path) as f:
                 _check_finite(f.get_tensor(tensor_name), tensor_name, repr(self.name))
         return out
