@@ -171,6 +171,13 @@ def _pick_rows(weight: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return weight.index_select(0, torch.tensor(rows, dtype=torch.long))
 
 
+class _TouchedRanges(threading.local):
+    """Per thread: the (memory map, offset, length) byte ranges its row views touched since its last release."""
+
+    def __init__(self):
+        self.ranges: list[tuple[mmap.mmap, int, int]] = []
+
+
 class SafetensorsSource(AttentionSource):
     """Attention tensors of a checkpoint folder (``config.json`` + safetensors files).
 
@@ -185,7 +192,7 @@ class SafetensorsSource(AttentionSource):
         self._init_layout(config if config is not None else _load_config(folder, self.name))
         self._index = self._locate(files if files is not None else _tensor_files(folder, self.name))
         self._spans: dict[Path, tuple[int, dict[str, Any], mmap.mmap]] = {}  # file -> (data start, header, map)
-        self._touched = threading.local()  # byte ranges this thread has read since its last release()
+        self._touched = _TouchedRanges()
 
     def close(self) -> None:
         maps, self._spans = [entry[2] for entry in self._spans.values()], {}
@@ -227,7 +234,7 @@ class SafetensorsSource(AttentionSource):
                 raise IndexError(f"row {stop - 1} of {tensor_name!r} in {self.name!r}: the tensor has {shape[0]} rows")
             offset = first_byte + first * row_bytes
             pieces.append(torch.frombuffer(mapping, dtype=dtype, count=(stop - first) * shape[1], offset=offset))
-            self._touched.__dict__.setdefault("ranges", []).append((mapping, offset, (stop - first) * row_bytes))
+            self._touched.ranges.append((mapping, offset, (stop - first) * row_bytes))
         out = (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).view(len(rows), shape[1])
         if not _sum_is_finite(out):  # name the tensor and count its bad values over all of it
             with _open_safetensors(path) as f:
@@ -237,7 +244,8 @@ class SafetensorsSource(AttentionSource):
     def release(self) -> None:
         """Drop the pages that this thread's :meth:`rows` views touched from the process's resident memory (they
         stay in the page cache; a view that is used again reads them back). Call when those views are done."""
-        for mapping, offset, length in self._touched.__dict__.pop("ranges", []):
+        ranges, self._touched.ranges = self._touched.ranges, []
+        for mapping, offset, length in ranges:
             start = offset - offset % _FAULT_AROUND
             stop = min(len(mapping), -(-(offset + length) // _FAULT_AROUND) * _FAULT_AROUND)
             mapping.madvise(mmap.MADV_DONTNEED, start, stop - start)

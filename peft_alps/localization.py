@@ -110,22 +110,22 @@ def _exp_row(fill: Fill, blocks: list[tuple[int, int]], out: torch.Tensor, tau: 
     """``out = exp(x / tau)`` for the row ``x`` that ``fill`` writes block by block; returns ``sum(out)`` (softmax is
     ``out / sum``). Shift-free (one pass fewer); if the sum leaves :data:`_SAFE_EXP_SUM` (overflow, or every entry
     tiny), the row is written again and shifted by its max first."""
-    total = 0.0
-    for start, stop in blocks:
-        block = fill(start, stop, out[start:stop])
-        if tau != 1.0:
-            block.div_(tau)
-        total += float(block.exp_().sum())
+
+    def exp_sum(shift: float = 0.0) -> float:
+        total = 0.0
+        for start, stop in blocks:
+            block = fill(start, stop, out[start:stop])
+            if shift:
+                block.sub_(shift)
+            if tau != 1.0:
+                block.div_(tau)
+            total += float(block.exp_().sum())
+        return total
+
+    total = exp_sum()
     if _SAFE_EXP_SUM[0] <= total <= _SAFE_EXP_SUM[1]:
         return total
-    high = max(float(fill(start, stop, out[start:stop]).amax()) for start, stop in blocks)
-    total = 0.0
-    for start, stop in blocks:
-        block = fill(start, stop, out[start:stop]).sub_(high)
-        if tau != 1.0:
-            block.div_(tau)
-        total += float(block.exp_().sum())
-    return total
+    return exp_sum(shift=max(float(fill(start, stop, out[start:stop]).amax()) for start, stop in blocks))
 
 
 def wasserstein_row(fill_b: Fill, fill_t: Fill, blocks: list[tuple[int, int]], tau: float) -> float:
