@@ -57,6 +57,12 @@ def finish_environment(env: dict[str, Any]) -> dict[str, Any]:
     return env
 
 
+def produced_by(env: dict[str, Any], duration: str = "") -> str:
+    """The provenance sentence that ends every Markdown report (``duration`` e.g. ``" in 3.2 min"``)."""
+    return (f"Produced by `{env['command']}` at {env['utc']} UTC (commit {env['git_commit']}){duration}, "
+            f"load average {env['loadavg_start']} -> {env['loadavg_end']}.")
+
+
 # ------------------------------------------------------------------------------------------------ statistics
 
 

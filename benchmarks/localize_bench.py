@@ -319,9 +319,7 @@ def render(result: dict[str, Any]) -> str:
         ]))
     if not result.get("ours_available"):
         lines += ["", "**`peft_alps.localize_heads` was not importable in this run: only the baseline was measured.**"]
-    env = result["env"]
-    lines += ["", f"Produced by `{env['command']}` at {env['utc']} UTC (commit {env['git_commit']}), "
-              f"load average {env['loadavg_start']} -> {env['loadavg_end']}."]
+    lines += ["", C.produced_by(result["env"])]
     return "\n".join(lines)
 
 

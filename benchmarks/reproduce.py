@@ -425,9 +425,7 @@ def render(result: dict[str, Any], args) -> str:
     lines += ["", "Selected heads (top 10%): " + "; ".join(
         f"{m}: " + " ".join(f"L{l}:{','.join(map(str, h))}" for l, h in sel.items())
         for m, sel in result["selections"].items() if m in ABLATION)]
-    env = result["env"]
-    lines += ["", f"Produced by `{env['command']}` at {env['utc']} UTC (commit {env['git_commit']}) in "
-              f"{result['wall_s'] / 60:.1f} min, load average {env['loadavg_start']} -> {env['loadavg_end']}."]
+    lines += ["", C.produced_by(result["env"], f" in {result['wall_s'] / 60:.1f} min")]
     return "\n".join(lines)
 
 

@@ -458,9 +458,7 @@ def render(result: dict[str, Any]) -> str:
             lines.append(C.markdown_table([key] + [LABELS[m] for m in METHODS] + ["ALPS / masked"], rows))
         else:
             lines.append(C.markdown_table([key] + [LABELS[m] for m in METHODS], rows))
-    env = result["env"]
-    lines += ["", f"Produced by `{env['command']}` at {env['utc']} UTC (commit {env['git_commit']}), "
-              f"load average {env['loadavg_start']} -> {env['loadavg_end']}."]
+    lines += ["", C.produced_by(result["env"])]
     return "\n".join(lines)
 
 

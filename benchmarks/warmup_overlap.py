@@ -42,6 +42,8 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks._common import mean_std  # noqa: E402  (after the path setup above)
+
 RESULTS = ROOT / "benchmarks" / "results"
 RATIOS = (0.1, 0.25, 0.5)
 
@@ -169,14 +171,6 @@ def compare(scores_a, scores_b, ratios=RATIOS) -> dict[str, Any]:
     for ratio in ratios:
         out[f"jaccard@{ratio}"] = jaccard(pairs(scores_a.top_k(ratio)), pairs(scores_b.top_k(ratio)))
     return out
-
-
-def mean_std(values) -> dict[str, float]:
-    import numpy as np
-
-    values = np.asarray([float(v) for v in values])
-    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-            "n": len(values)}
 
 
 # ------------------------------------------------------------------------------------------------ run
