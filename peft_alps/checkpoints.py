@@ -27,7 +27,6 @@ import os
 import re
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -463,8 +462,3 @@ def open_source(model_or_path: Any, *, revision: str | None = None, cache_dir: s
     if isinstance(model_or_path, os.PathLike) or not _REPO_ID.match(text) or ".." in text:
         raise OSError(f"checkpoint folder {text!r} does not exist (and it is not a Hub repo id)")
     return _hub_source(text, revision=revision, cache_dir=cache_dir)
-
-
-def iter_layers(source: AttentionSource) -> Iterator[tuple[int, LayerTensors]]:
-    for index in range(source.dims.num_layers):
-        yield index, source.layer(index)
