@@ -457,3 +457,44 @@ def test_bnb_4bit_model_is_dequantized_layer_by_layer(tmp_path):
     s = localize_heads(tmp_path / "base", q4)
     assert s.scores.any()
     assert s.scores.tobytes() == localize_heads(tmp_path / "base", ref).scores.tobytes()
+
+
+def _mapped_rss_kib(path: Path) -> int:
+    """Resident KiB of this process's mappings of ``path`` (Linux /proc/self/smaps)."""
+    total, current = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
+            current = line.rstrip().endswith(str(path))
+        elif current and line.startswith("Rss:"):
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc/self/smaps")
+def test_read_rows_are_released_so_memory_does_not_grow_with_the_model(tmp_path):
+    """Rows of a checkpoint folder are views of its memory map; release() must drop their pages, or a whole
+    model's q/k/v would end up resident (8 layers x 3 MiB here)."""
+    from peft_alps.checkpoints import open_source
+    from peft_alps.localization import HeadGroup
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(hidden_size=1024, intermediate_size=64, num_hidden_layers=8, num_attention_heads=8,
+                         num_key_value_heads=2, head_dim=128, vocab_size=64)
+    AutoModelForCausalLM.from_config(config).to(torch.bfloat16).save_pretrained(tmp_path / "m")
+    path = (tmp_path / "m" / "model.safetensors").resolve()
+    qkv_kib = 8 * (1024 + 256 + 256) * 1024 * 2 // 1024  # 24 MiB of q/k/v rows in bf16
+    with open_source(tmp_path / "m") as source:
+        def read_all(release: bool) -> int:
+            for layer in range(8):
+                for group in range(2):
+                    HeadGroup(source, layer, group, "base")
+                    if release:
+                        source.release()
+            return _mapped_rss_kib(path)
+
+        kept = read_all(release=False)
+        source.release()
+        released = read_all(release=True)
+    assert kept >= qkv_kib * 0.9  # the control: without release() every row read stays resident
+    assert released <= 3 * 2048  # at most the last group's 2 MiB windows (q, k, v)

@@ -380,6 +380,11 @@ def test_benchmark_scripts_run_in_tiny_mode(tmp_path, monkeypatch):
     assert summary["warmup_checkpoint_bytes"] < summary["full_checkpoint_bytes"]
     assert "| Spearman rank correlation of scores |" in (tmp_path / "overlap.md").read_text()
     assert overlap.chance_jaccard(1, 4) == pytest.approx(1 / 4) and overlap.chance_jaccard(4, 4) == 1.0
+    setup = overlap.Setup()
+    assert overlap.parse_overrides(setup, ["width=256", "seeds=0,1", "lr=0.01", "skill=copy"]) == {
+        "width": 256, "seeds": (0, 1), "lr": 0.01, "skill": "copy"}
+    with pytest.raises(SystemExit, match="expected FIELD=VALUE with FIELD one of width"):
+        overlap.parse_overrides(setup, ["depth=3"])
 
     memory = load("warmup_memory")
     shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
