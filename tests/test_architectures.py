@@ -574,7 +574,7 @@ def test_head_slice_and_head_parts_match_the_written_out_index_sets(case, role):
 
 
 def readme_custom_architecture_example():
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    readme = (Path(__file__).resolve().parent.parent / "docs" / "architectures.md").read_text()
     section = readme.split("## Custom architectures", 1)[1].split("\n## ", 1)[0]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
@@ -582,7 +582,7 @@ def readme_custom_architecture_example():
 def test_readme_custom_architecture_example_runs(monkeypatch):
     monkeypatch.setattr(layouts, "_REGISTRY", dict(layouts._REGISTRY))  # the example's registration stays here
     namespace = {}
-    exec(compile(readme_custom_architecture_example(), "README.md", "exec"), namespace)
+    exec(compile(readme_custom_architecture_example(), "docs/architectures.md", "exec"), namespace)
     model = namespace["model"]
     assert "gptj" in layouts.supported_model_types()
     gptj = Family("gptj", "GPTJConfig", {}, 4, 4, 16, 64, "h",
