@@ -649,7 +649,7 @@ def main(argv=None) -> dict[str, Any]:
     base, tokenizer, base_folder = load_base(setup, folder)
     PAD[0] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     result: dict[str, Any] = {"model_name": "tiny random Llama (SmolLM2 tokenizer)" if setup.tiny else setup.model,
-                              "setup": asdict(setup), "env": env, "lr": {}, "tuning": {}, "tasks": {},
+                              "setup": json.loads(json.dumps(asdict(setup))), "env": env, "lr": {}, "tuning": {}, "tasks": {},
                               "base_params": sum(p.numel() for p in base.parameters())}
     args.out.mkdir(parents=True, exist_ok=True)
     runner = Runner(setup, args, base, tokenizer, base_folder, result)

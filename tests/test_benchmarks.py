@@ -7,9 +7,12 @@ definitions), never how fast anything ran.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import math
 
 import pytest
+import torch
 
 from benchmarks import localize_bench, reproduce, train_efficiency
 
@@ -148,3 +151,83 @@ def test_summary_replaces_only_its_readme_section(tmp_path):
     assert text.startswith("# x\n\nintro\n") and "second" in text and "first" not in text
     assert text.count(summary.START) == 1 and text.count(summary.END) == 1
     assert summary.section(tmp_path).startswith("## Benchmarks")  # no results yet: just the pointer
+
+
+# ------------------------------------------------------------------------------------------------ real model
+
+
+def test_real_tasks_answers_match_an_independent_oracle():
+    import re
+
+    from benchmarks import real_tasks as T
+
+    for ex in T.examples("math", 40, seed=3):
+        a, b, c = map(int, re.findall(r"\d+", ex["prompt"]))
+        assert ex["answer"] == str(a + b - c)
+    for ex in T.examples("math_mul", 40, seed=3):
+        a, b, c = map(int, re.findall(r"\d+", ex["prompt"]))
+        assert ex["answer"] == str(a * b + c)
+    for ex in T.examples("instruct", 60, seed=3):
+        words = [w.strip(",.") for w in ex["prompt"].split("Sentence: ", 1)[1].split()]
+        if ex["prompt"].startswith("How many"):
+            assert ex["answer"] == str(len(words))
+        elif "capital letters" in ex["prompt"]:
+            assert ex["answer"] == words[-1].upper()
+    for ex in T.examples("code", 30, seed=3):
+        snippet = ex["prompt"].split("```python\n", 1)[1].rsplit("\n```", 1)[0]
+        run = subprocess.run([sys.executable, "-c", snippet], capture_output=True, text=True, check=True)
+        assert run.stdout.strip() == ex["answer"]
+    parts = T.splits("code", {"train": 50, "dev": 10, "test": 10})
+    prompts = [e["prompt"] for split in parts.values() for e in split]
+    assert len(prompts) == len(set(prompts)) == 70
+    assert len(T.sentences()) > 100 and len(T.general_texts()) > 50
+    with pytest.raises(ValueError, match="unknown task"):
+        T.examples("poetry", 3, 0)
+
+
+def test_teacher_forced_exact_match_equals_greedy_generation():
+    """Oracle: answers are the model's own greedy continuations (one example at a time, unpadded); batched,
+    left-padded teacher forcing must then call every one exact, and none once its last token is changed."""
+    from benchmarks import real_data as D
+    from tests.tiny_models import VOCAB, tiny_llama
+
+    model = tiny_llama()
+    g = torch.Generator().manual_seed(3)
+    items = []
+    for length in (3, 7, 5, 9):
+        prompt = torch.randint(1, VOCAB, (1, length), generator=g)
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=4, do_sample=False,
+                             pad_token_id=0)
+        items.append({"prompt": prompt[0].tolist(), "answer": out[0, length:].tolist()})
+    assert D.evaluate(model, items, pad_id=0, batch_size=4)["accuracy"] == 1.0
+    wrong = [{"prompt": it["prompt"], "answer": it["answer"][:-1] + [(it["answer"][-1] + 1) % VOCAB]} for it in items]
+    assert D.evaluate(model, wrong, pad_id=0, batch_size=4)["accuracy"] == 0.0
+
+
+def test_reproduce_real_quick(tmp_path, smollm2_folder):
+    from benchmarks import reproduce_real as R
+
+    argv = ["--quick", "--tasks", "math", "--seeds", "0", "--draws", "2", "--out", str(tmp_path), "--stem", "rr"]
+    R.main(argv)
+    data = _load(tmp_path / "rr.json")
+    assert data["finished"] and (tmp_path / "rr.png").stat().st_size > 0
+    math_runs = data["tasks"]["math"]["runs"]
+    assert set(R.TUNED) <= set(math_runs)
+    assert len(math_runs["random_10"]) == len(math_runs["lc_10"]) == 2  # draws 0 and 1
+    for method, lr in data["lr"].items():
+        assert lr in data["setup"]["grids"][R.FAMILY.get(method, "heads")]
+        assert len(data["tuning"][method]) == 2
+    sel = data["tasks"]["math"]["selections"]
+    assert sum(map(len, sel["alps_10"].values())) == math.ceil(0.1 * 8)  # tiny model: 2 layers x 4 heads
+    assert sum(map(len, sel["alps_30"].values())) == math.ceil(0.3 * 8)
+    one_head = 4 * 16 * 64  # q, k, v rows + o columns of one head (head_dim 16, width 64)
+    assert math_runs["alps_10"][0]["trainable_params"] == one_head
+    assert set(data["tasks"]["math_mul"]["runs"]) == {"transfer_a", "transfer_b", "transfer_random", "transfer_full_attn"}
+    assert math_runs["alps_10"][0]["curve"]  # the learning-curve probe ran
+    for r in math_runs["full_attn"]:
+        assert 0.0 <= r["test"]["accuracy"] <= 1.0 and math.isfinite(r["probes"]["general_text"])
+    md = (tmp_path / "rr.md").read_text()
+    assert "(complete)" in md and "Learning curves" in md and "rank among Random draws" in md
+    (tmp_path / "rr.md").unlink()
+    R.main(["--render", str(tmp_path / "rr.json")])
+    assert (tmp_path / "rr.md").read_text() == md
