@@ -67,6 +67,7 @@ LABELS = {
 }
 FAMILY = {"full_attn": "full", "wo_attn": "full", "lora_eq": "lora", "lora_qkv": "lora"}  # others: "heads"
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+PROBE_TASKS = ("instruct", "math", "code")  # forgetting probes: every paper-shaped task but the trained one
 CURVE = ("alps_10", "random_10", "lora_eq", "full_attn")
 
 
@@ -206,7 +207,7 @@ class TaskState:
         enc = {k: D.encode(tokenizer, v, T.SYSTEM) for k, v in sp.items()}
         self.name = name
         self.train, self.sft_items = enc["train"], enc["sft"]
-        others = {f"task:{t}": probes_of(t) for t in setup.tasks if t != name and t in T.GENERATORS}
+        others = {f"task:{t}": probes_of(t) for t in PROBE_TASKS if t != name}
         self.data = {"dev": enc["dev"], "test": enc["test"], "probes": {"general_text": general, **others}}
         self.selections: dict[str, dict[int, list[int]]] = {}
         self.references: dict[str, Any] = {}
@@ -447,13 +448,14 @@ def pm(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
     if not values:
         return "–"
     st = C.mean_std(values)
-    return f"{scale * st['mean']:.{digits}f} ± {scale * st['std']:.{digits}f} (n={st['n']})"
+    return f"{scale * st['mean']:.{digits}f} ± {scale * st['std']:.{digits}f}"
 
 
 def paired(a: list[dict], b: list[dict], scale: float = 100.0) -> str:
+    """Mean ± std over shared seeds of (row EM - reference EM), in points, with the number of pairs."""
     by_seed = {r["seed"]: r["test"]["accuracy"] for r in b}
     diffs = [r["test"]["accuracy"] - by_seed[r["seed"]] for r in a if r["seed"] in by_seed]
-    return pm(diffs, scale) if diffs else "–"
+    return f"{pm(diffs, scale)} ({len(diffs)})" if diffs else "–"
 
 
 def rank_among(value: float, draws: list[float]) -> str:
@@ -461,6 +463,15 @@ def rank_among(value: float, draws: list[float]) -> str:
         return "–"
     below = sum(d < value for d in draws) + 0.5 * sum(d == value for d in draws)
     return f"{below:g}/{len(draws)}"
+
+
+def overlap(info: dict[str, Any], method: str, reference: str = "alps_10") -> str:
+    sel = info.get("selections", {})
+    if method not in sel or reference not in sel:
+        return "–"
+    a = {(l, h) for l, hs in sel[method].items() for h in hs}
+    b = {(l, h) for l, hs in sel[reference].items() for h in hs}
+    return f"{len(a & b)}/{len(a)}"
 
 
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
@@ -498,32 +509,7 @@ def render(result: dict[str, Any]) -> str:
     for task, info in result["tasks"].items():
         if task not in summ:
             continue
-        ref, sm, runs = info["references"], summ[task], info.get("runs", {})
-        base_em = ref["base"]["test"]["accuracy"]
-        sft = ref.get("task_model_sft", {}).get("test", {}).get("accuracy", float("nan"))
-        lines += [f"## Task `{task}`", "", f"Base model: test EM {100 * base_em:.1f}%, loss "
-                  f"{ref['base']['test']['loss']:.3f}; SFT task model: EM {100 * sft:.1f}%. "
-                  f"LoRA ranks: equal params r={info['ranks']['lora_eq']}, q/k/v r={info['ranks']['lora_qkv']}.", ""]
-        probes = list(ref["base"]["probes"])
-        rows = []
-        alps = runs.get("alps_10") or runs.get("transfer_b", [])  # the transfer task pairs with its own heads
-        rnd = [r["test"]["accuracy"] for r in runs.get("random_10") or runs.get("transfer_random", [])]
-        lc = [r["test"]["accuracy"] for r in runs.get("lc_10", [])]
-        for m in (*MAIN, *[v for v in ABLATION.values() if v != "alps_10"], *[v for v in SELECTORS.values() if v not in MAIN],
-                  "transfer_a", "transfer_b", "transfer_random", "transfer_full_attn"):
-            if m not in sm:
-                continue
-            r = sm[m]
-            mean = r["test_accuracy"]["mean"]
-            rows.append([LABELS[m], f"{r['trainable_params']:,}", f"{r['lr']:g}", pm(_test(runs[m]), 100),
-                         pm(_test(runs[m], "loss"), 1, 3),
-                         "–" if m in ("alps_10", "random_10", "lc_10") else paired(runs[m], alps) if alps else "–",
-                         rank_among(mean, rnd), rank_among(mean, lc),
-                         *[pm(r["forgetting"][p]["values"], 1, 3) for p in probes]])
-        lines.append(C.markdown_table(
-            ["method", "params", "lr", "test EM %", "test loss", "EM minus ALPS 10%, paired (pp)",
-             "rank among Random draws", "rank among LC draws", *[f"forgetting: {p}" for p in probes]], rows))
-        lines.append("")
+        lines += render_task(task, info, summ[task])
     curves = [(task, m, r["curve"]) for task, info in result["tasks"].items()
               for m, rs in info.get("runs", {}).items() for r in rs if r.get("curve")]
     if curves:
@@ -544,6 +530,40 @@ def render(result: dict[str, Any]) -> str:
     if result.get("env"):
         lines.append(C.produced_by(result["env"], f" in {result.get('elapsed_s', 0) / 60:.1f} min"))
     return "\n".join(lines)
+
+
+def render_task(task: str, info: dict[str, Any], sm: dict[str, Any]) -> list[str]:
+    """Table 1 (+ Table 2 metrics, the selectors, Table 3 rows) and Table 5 (forgetting) for one task."""
+    ref, runs = info["references"], info.get("runs", {})
+    sft = ref.get("task_model_sft", {}).get("test", {}).get("accuracy", float("nan"))
+    lines = [f"## Task `{task}`", "", f"Base model: test EM {100 * ref['base']['test']['accuracy']:.1f}%, answer loss "
+             f"{ref['base']['test']['loss']:.3f}; SFT task model: EM {100 * sft:.1f}%. LoRA ranks: equal params "
+             f"r={info['ranks']['lora_eq']}, q/k/v r={info['ranks']['lora_qkv']}.", ""]
+    alps = runs.get("alps_10") or runs.get("transfer_b", [])  # the transfer task pairs with its own heads
+    ref_name = "ALPS 10%" if runs.get("alps_10") else "B's own heads"
+    rnd = [r["test"]["accuracy"] for r in runs.get("random_10") or runs.get("transfer_random", [])]
+    lc = [r["test"]["accuracy"] for r in runs.get("lc_10", [])]
+    order = [m for m in (*MAIN, *[v for v in ABLATION.values() if v != "alps_10"], "sel_weight_change", "sel_gradient",
+                         "transfer_a", "transfer_b", "transfer_random", "transfer_full_attn") if m in sm]
+    rows = []
+    for m in order:
+        r = sm[m]
+        rows.append([LABELS[m], f"{r['trainable_params']:,}", f"{r['lr']:g}", r["test_accuracy"]["n"],
+                     pm(_test(runs[m]), 100), pm(_test(runs[m], "loss"), 1, 3),
+                     "–" if m in ("alps_10", "transfer_b") else paired(runs[m], alps),
+                     rank_among(r["test_accuracy"]["mean"], rnd), rank_among(r["test_accuracy"]["mean"], lc),
+                     overlap(info, m)])
+    lines.append(C.markdown_table(["method", "params", "lr", "n", "test EM %", "test answer loss",
+                                   f"EM minus {ref_name}, paired (pp, pairs)", "beats Random draws",
+                                   "beats LC draws", "heads shared with ALPS 10%"], rows))
+    probes = list(ref["base"]["probes"])
+    base_probes = ", ".join(f"{p} {ref['base']['probes'][p]:.3f}" for p in probes)
+    lines += ["", f"Forgetting on `{task}` runs (Table 5): held-out loss minus the base model's "
+              f"(base: {base_probes}).", ""]
+    lines.append(C.markdown_table(["method", *probes], [
+        [LABELS[m], *[pm(sm[m]["forgetting"][p]["values"], 1, 3) for p in probes]] for m in order]))
+    lines.append("")
+    return lines
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
