@@ -80,13 +80,13 @@ class Setup:
     steps: int = 12
     batch: int = 8
     train_examples: int = 320
-    dev_examples: int = 32
-    test_examples: int = 64
-    probe_examples: int = 16
+    dev_examples: int = 24
+    test_examples: int = 48
+    probe_examples: int = 8
     probe_tokens: int = 48
-    sft_steps: int = 12
+    sft_steps: int = 8
     sft_lr: float = 1e-4
-    warmup_steps: int = 12
+    warmup_steps: int = 8
     warmup_lr: float = 1e-3
     grad_batches: int = 2
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -373,9 +373,28 @@ class Runner:
         self.record(task, method, 0, lr, res)
         return lr
 
+    def twin(self, task: str, method: str, seed: int, lr: float) -> dict[str, Any] | None:
+        """A finished run of another head-set row of ``task`` with the very same heads, seed and lr (reused)."""
+        sel = self.states[task].selections
+        if method not in sel:
+            return None
+        for other, runs in self.result["tasks"][task].get("runs", {}).items():
+            if other != method and other in sel and sel[other] == sel[method]:
+                for r in runs:
+                    if r["seed"] == seed and r["lr"] == lr:
+                        return {**r, "same_heads_as": other}
+        return None
+
     def run(self, task: str, method: str, seed: int, lr: float, train_task: str | None = None) -> None:
         st = self.state(task)
         tt = self.state(train_task) if train_task else st
+        same = None if train_task else self.twin(task, method, seed, lr)
+        if same is not None:
+            runs = self.result["tasks"][task].setdefault("runs", {}).setdefault(method, [])
+            runs.append(same)
+            self.save()
+            log(f"{task:>9} {method:>18} seed {seed}: same heads as {same['same_heads_as']}, result reused")
+            return
         _, res = self.train_one(st, tt, method, seed, lr)
         self.record(train_task or task, method, seed, lr, res)
         log(f"{(train_task or task):>9} {method:>18} seed {seed} lr {lr:g}: EM {res['test']['accuracy']:.3f}, "

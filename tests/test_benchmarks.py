@@ -224,10 +224,17 @@ def test_reproduce_real_quick(tmp_path, smollm2_folder):
     assert math_runs["alps_10"][0]["trainable_params"] == one_head
     assert set(data["tasks"]["math_mul"]["runs"]) == {"transfer_a", "transfer_b", "transfer_random", "transfer_full_attn"}
     assert math_runs["alps_10"][0]["curve"]  # the learning-curve probe ran
+    sel_of = data["tasks"]["math"]["selections"]
+    for method, runs in math_runs.items():  # a head set equal to one already trained is reused, never retrained
+        for r in runs:
+            if "same_heads_as" in r:
+                assert sel_of[method] == sel_of[r["same_heads_as"]]
+                twin = [t for t in math_runs[r["same_heads_as"]] if t["seed"] == r["seed"]][0]
+                assert twin["test"] == r["test"]
     for r in math_runs["full_attn"]:
         assert 0.0 <= r["test"]["accuracy"] <= 1.0 and math.isfinite(r["probes"]["general_text"])
     md = (tmp_path / "rr.md").read_text()
-    assert "(complete)" in md and "Learning curves" in md and "rank among Random draws" in md
+    assert "(complete)" in md and "Learning curves" in md and "beats Random draws" in md
     (tmp_path / "rr.md").unlink()
     R.main(["--render", str(tmp_path / "rr.json")])
     assert (tmp_path / "rr.md").read_text() == md
