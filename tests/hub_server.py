@@ -19,6 +19,7 @@ import hashlib
 import json
 import re
 import socket
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -53,8 +54,7 @@ class HubServer:
         self._lock = threading.Lock()
         self._sent_total = 0
         self._link_free_at = 0.0
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self._httpd.daemon_threads = True
+        self._httpd = _QuietServer(("127.0.0.1", 0), _handler(self))
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
     @property
@@ -100,6 +100,14 @@ class HubServer:
         if wait_until is not None:
             time.sleep(max(0.0, wait_until - time.monotonic()))
         return True
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):  # a client that hangs up (keep-alive, a dropped 200) is fine
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 def _handler(server: HubServer):
