@@ -343,13 +343,15 @@ def _read_index(path: Path, name: str) -> dict[str, str]:
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def _hub_source(repo_id: str, revision: str | None = None, cache_dir: str | None = None) -> SafetensorsSource:
-    """Fetch config, shard index and only the shards holding attention tensors; read them like a folder."""
+def _hub_source(repo_id: str, revision: str | None = None, cache_dir: str | None = None,
+                local_files_only: bool = False) -> SafetensorsSource:
+    """Fetch config, shard index and only the shards holding attention tensors whole; read them like a folder."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
     def fetch(filename: str) -> Path:
-        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir))
+        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
+                                    local_files_only=local_files_only))
 
     try:
         config_path = fetch("config.json")

@@ -191,7 +191,7 @@ class RangeReader:
             if not match or int(match[1]) != start or int(match[2]) != stop - 1 or match[3] == "*":
                 raise OSError(f"{url}: asked for bytes {start}-{stop - 1}, got Content-Range "
                               f"{response.headers.get('Content-Range')!r}")
-            yield self._checked(response.iter_bytes(CHUNK), stop - start, url, count=True), int(match[3])
+            yield self._checked(response.iter_bytes(), stop - start, url, count=True), int(match[3])
 
     def _checked(self, chunks: Iterator[bytes], expected: int, where: str, count: bool) -> Iterator[bytes]:
         import httpx2
@@ -534,7 +534,7 @@ def _offline_source(repo_id: str, revision: str | None, cache_dir, root: Path, n
     if commit is not None and (cached := _cached_source(root / commit, name)):
         return cached
     try:
-        source = _hub_source(repo_id, revision=revision, cache_dir=cache_dir)
+        source = _hub_source(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True)
     except Exception as err:  # noqa: BLE001 - every failure becomes one clear OSError
         manifest = _read_manifest(root / commit) if commit else None
         partly = ""
@@ -548,7 +548,8 @@ def _offline_source(repo_id: str, revision: str | None, cache_dir, root: Path, n
         raise OSError(
             f"{repo_id!r} is not a local folder, and Hub repo {name!r} is not in the local cache{partly}; {why}, so "
             "nothing can be downloaded. Unset HF_HUB_OFFLINE (or reconnect) to read its q/k/v bytes, or pass a "
-            f"local checkpoint folder. (Looking in the Hugging Face cache gave: {type(err).__name__}: {err})"
+            f"local checkpoint folder. (Nor does the Hugging Face cache {hf_repo} hold its config and the shards "
+            "with its attention tensors.)"
         ) from err
     source.transfer = Transfer(repo=name, mode="cached")
     return source
@@ -564,7 +565,7 @@ def _whole_files(repo_id: str, commit: str, cache_dir, name: str, err: RangeNotS
         warnings.warn(
             f"the Hub server {constants.ENDPOINT} does not support HTTP Range requests ({err}); peft-alps falls back "
             "to downloading every safetensors shard that holds q/k/v tensors whole (into the Hugging Face cache).",
-            stacklevel=4,
+            stacklevel=5,
         )
     blobs = Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "blobs"
     before = set(blobs.iterdir()) if blobs.is_dir() else set()
