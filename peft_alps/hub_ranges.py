@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import threading
 import warnings
 from collections.abc import Iterator
@@ -241,9 +240,14 @@ def read_header(reader: RangeReader, shard: str) -> tuple[int, dict[str, Any], i
         raise OSError(f"{reader.url(shard)}: the safetensors header is not JSON ({err})") from None
 
 
+def _partial(path: Path) -> Path:
+    """Where ``path`` is written before it is renamed into place (one per process: concurrent runs don't mix)."""
+    return path.with_name(f"{path.name}.{os.getpid()}.partial")
+
+
 def write_layer(reader: RangeReader, path: Path, entries: list[Entry]) -> None:
     """Read one layer's tensors and write them as a safetensors file, renamed into place only when complete."""
-    partial = path.with_name(path.name + ".partial")
+    partial = _partial(path)
     with open(partial, "wb") as out:
         out.write(layer_header(entries))
         for shard, start, stop, members in coalesce(entries):
@@ -347,16 +351,20 @@ class HubAttentionSource(SafetensorsSource):
 # ------------------------------------------------------------------------------------------------ the manifest
 
 
-def build_manifest(reader: RangeReader, config: Any, weight_map: dict[str, str] | None) -> dict[str, Any]:
+def build_manifest(reader: RangeReader, config: Any, weight_map: dict[str, str] | None,
+                   sizes: dict[str, int | None]) -> dict[str, Any]:
     """The scored tensors of a revision (shard, absolute byte range, dtype, shape) and the checkpoint's size, from
-    the shard index (or the single file) and the shards' headers."""
+    the shard index (or the single file), the headers of the shards that hold scored tensors, and the file sizes
+    of the model info (where it lacks one, the shard is measured by its header request)."""
     layout, dims = layout_for_config(config)
 
     def scored(tensor: str) -> bool:
         found = layout.match_tensor(tensor)
         return bool(found) and found[2] == "weight" and found[1].role in SCORED_ROLES and found[0] < dims.num_layers
 
-    shards = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_FILE]
+    all_shards = sorted(set(weight_map.values())) if weight_map is not None else [SINGLE_FILE]
+    shards = [f for f in all_shards if weight_map is None or f in {f for t, f in weight_map.items() if scored(t)}
+              or sizes.get(f) is None]
     with ThreadPoolExecutor(min(HEADER_REQUEST_THREADS, len(shards))) as pool:
         headers = dict(zip(shards, pool.map(lambda shard: read_header(reader, shard), shards)))
     tensors = {}
@@ -370,7 +378,7 @@ def build_manifest(reader: RangeReader, config: Any, weight_map: dict[str, str] 
             tensors[tensor] = {"layer": layout.match_tensor(tensor)[0], "shard": shard, "start": data_start + start,
                                "stop": data_start + stop, "dtype": meta["dtype"], "shape": meta["shape"]}
     return {"format": 1, "repo": reader.repo_id, "commit": reader.commit,
-            "checkpoint_bytes": sum(size for _, _, size in headers.values()), "tensors": tensors}
+            "checkpoint_bytes": sum(headers[f][2] if f in headers else sizes[f] for f in all_shards), "tensors": tensors}
 
 
 def manifest_entries(manifest: dict[str, Any]) -> list[Entry]:
@@ -380,7 +388,7 @@ def manifest_entries(manifest: dict[str, Any]) -> list[Entry]:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
+    partial = _partial(path)
     partial.write_bytes(data)
     os.replace(partial, path)
 
@@ -419,23 +427,23 @@ def hub_source(repo_id: str, revision: str | None = None, cache_dir: str | None 
         return _offline_source(repo_id, revision, cache_dir, root, name)
     if revision is not None and _SHA.match(revision) and (cached := _cached_source(root / revision, name)):
         return cached
-    commit, filenames = _resolve(repo_id, revision, cache_dir, root, name)
+    commit, files = _resolve(repo_id, revision, cache_dir, root, name)
     if commit is None:  # the Hub could not be reached: whatever the caches hold
-        return _offline_source(repo_id, revision, cache_dir, root, name, reason=filenames)
+        return _offline_source(repo_id, revision, cache_dir, root, name, reason=files)
     _write_atomic(root / "refs" / (revision or "main"), commit.encode())
     if cached := _cached_source(root / commit, name):
         return cached
     transfer = Transfer(repo=name, cache_dir=root / commit)
     reader = RangeReader(repo_id, commit, cache_dir, transfer)
     try:
-        manifest = _read_manifest(root / commit) or _new_manifest(reader, filenames, root / commit, name)
+        manifest = _read_manifest(root / commit) or _new_manifest(reader, files, root / commit, name)
     except RangeNotSupported as err:
         return _whole_files(repo_id, commit, cache_dir, name, err)
     return _source(root / commit, name, manifest, reader, transfer)
 
 
 def _resolve(repo_id: str, revision: str | None, cache_dir, root: Path, name: str):
-    """``(commit, files)`` of the revision from the Hub, or ``(None, reason)`` when the Hub cannot be reached."""
+    """``(commit, {file: size})`` of the revision from the Hub, or ``(None, reason)`` when it cannot be reached."""
     import httpx2
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
@@ -443,7 +451,8 @@ def _resolve(repo_id: str, revision: str | None, cache_dir, root: Path, name: st
     from . import __version__
 
     try:
-        info = HfApi(library_name="peft-alps", library_version=__version__).model_info(repo_id, revision=revision)
+        info = HfApi(library_name="peft-alps", library_version=__version__).model_info(
+            repo_id, revision=revision, files_metadata=True)
     except (RepositoryNotFoundError, RevisionNotFoundError, GatedRepoError) as err:
         raise OSError(
             f"{repo_id!r} is not a local folder, and the Hugging Face Hub has no such repo or revision ({name!r}; "
@@ -452,10 +461,10 @@ def _resolve(repo_id: str, revision: str | None, cache_dir, root: Path, name: st
         ) from err
     except (httpx2.HTTPError, OSError) as err:
         return None, f"{type(err).__name__}: {err}"
-    return info.sha, [s.rfilename for s in info.siblings or []]
+    return info.sha, {s.rfilename: s.size for s in info.siblings or []}
 
 
-def _new_manifest(reader: RangeReader, filenames: list[str], folder: Path, name: str) -> dict[str, Any]:
+def _new_manifest(reader: RangeReader, filenames: dict[str, int | None], folder: Path, name: str) -> dict[str, Any]:
     from huggingface_hub import hf_hub_download
 
     from .checkpoints import _load_config
@@ -473,11 +482,10 @@ def _new_manifest(reader: RangeReader, filenames: list[str], folder: Path, name:
                                              cache_dir=reader.cache_dir)
     config_path = fetch("config.json")
     folder.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(config_path, folder / "config.json.partial")
-    os.replace(folder / "config.json.partial", folder / "config.json")
+    _write_atomic(folder / "config.json", Path(config_path).read_bytes())
     config = _load_config(folder, name)
     weight_map = _read_index(Path(fetch(INDEX_FILE)), name) if INDEX_FILE in filenames else None
-    manifest = build_manifest(reader, config, weight_map)
+    manifest = build_manifest(reader, config, weight_map, filenames)
     _write_atomic(folder / MANIFEST, json.dumps(manifest).encode())
     return manifest
 

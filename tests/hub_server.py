@@ -2,7 +2,8 @@
 
 It serves checkpoint folders with the endpoints that huggingface_hub 2.4 calls for a model repo:
 
-* ``GET /api/models/{repo}`` and ``/api/models/{repo}/revision/{revision}``: model info (``sha``, ``siblings``);
+* ``GET /api/models/{repo}`` and ``/api/models/{repo}/revision/{revision}``: model info (``sha``, ``siblings``,
+  with their ``size`` for ``?blobs=true``);
 * ``HEAD`` and ``GET /{repo}/resolve/{revision}/{path}``: the file, with the headers ``hf_hub_download`` reads
   (``X-Repo-Commit``, ``ETag``, ``Content-Length``) and, unless ``ranges=False``, ``Accept-Ranges: bytes`` and
   ``Range`` requests answered with 206 and ``Content-Range``;
@@ -25,7 +26,7 @@ import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 CHUNK = 1 << 16
 
@@ -142,8 +143,10 @@ def _handler(server: HubServer):
                 return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}", body)
             commit, folder = found
             files = sorted(p for p in folder.rglob("*") if p.is_file())
+            blobs = parse_qs(urlsplit(self.path).query).get("blobs") in (["true"], ["True"])  # files_metadata: sizes
             info = {"id": repo_id, "modelId": repo_id, "sha": commit, "private": False,
-                    "siblings": [{"rfilename": str(p.relative_to(folder))} for p in files]}
+                    "siblings": [{"rfilename": str(p.relative_to(folder)), **({"size": p.stat().st_size} if blobs else {})}
+                                 for p in files]}
             self._bytes(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, body)
 
         def _file(self, repo_id: str, revision: str, filename: str, body: bool):

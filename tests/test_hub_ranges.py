@@ -171,6 +171,13 @@ def test_a_server_without_range_support_falls_back_to_whole_shards_with_one_warn
     with_qkv = {file for name, file in weight_map.items() if any(f"{p}.weight" in name for p in QKV)}
     assert with_qkv <= whole and len(with_qkv) < len(set(weight_map.values()))  # (not the embedding-only shards)
 
+    # with Range back, the shards now in the Hugging Face cache are read from there: no file from the network
+    hub.ranges = True
+    hub.clear()
+    scores = localize_heads("org/base", "org/task", task_revision="sft")
+    assert scores.scores.tobytes() == local.scores.tobytes()
+    assert [r.path for r in hub.log] == ["/api/models/org/base", "/api/models/org/task/revision/sft"]
+
 
 def test_a_pickle_only_repo_is_refused_and_never_downloaded(hub, pair, tmp_path):
     from tests.test_safe_loading import _Planted
