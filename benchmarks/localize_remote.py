@@ -119,10 +119,11 @@ def render(result: dict[str, Any]) -> str:
     rows = []
     for kind, m in p["methods"].items():
         rows.append([kind, m["seconds"]["median"], f"{m['bytes'] / 1e6:,.1f}", f"{m['bytes'] / p['checkpoint_bytes']:.3f}",
-                     f"{m['bytes'] / p['qkv_bytes']:.3f}", f"{m['bytes'] / bw:.1f}", int(m["requests"]),
+                     f"{m['bytes'] / p['qkv_bytes']:.3f}", f"{m['bytes'] / bw:.1f}",
+                     f"{m['bytes'] / m['seconds']['median'] / 1e6:.0f}", int(m["requests"]),
                      f"{C.mib(m['peak_rss']):.0f}", m["same_scores_as_folders"]])
     lines.append(C.markdown_table(["method", "wall s", "MB read", "/ checkpoint bytes", "/ q/k/v bytes",
-                                   "bytes / link s", "requests", "peak RSS MiB", "scores = folders (bitwise)"], rows))
+                                   "bytes / link s", "achieved MB/s", "requests", "peak RSS MiB", "scores = folders (bitwise)"], rows))
     w, r = p["methods"]["whole shards"]["seconds"]["median"], p["methods"]["ranged"]["seconds"]["median"]
     lines += ["", f"Ranged reads: {w / r:.1f}x faster than whole-shard downloads on this pair.", "",
               "Prediction for real pairs at the same link speed, from their q/k/v share (the time is the transfer: "

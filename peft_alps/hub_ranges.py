@@ -427,7 +427,7 @@ def hub_source(repo_id: str, revision: str | None = None, cache_dir: str | None 
         return _offline_source(repo_id, revision, cache_dir, root, name)
     if revision is not None and _SHA.match(revision) and (cached := _cached_source(root / revision, name)):
         return cached
-    commit, files = _resolve(repo_id, revision, cache_dir, root, name)
+    commit, files = _resolve(repo_id, revision, name)
     if commit is None:  # the Hub could not be reached: whatever the caches hold
         return _offline_source(repo_id, revision, cache_dir, root, name, reason=files)
     _write_atomic(root / "refs" / (revision or "main"), commit.encode())
@@ -442,7 +442,7 @@ def hub_source(repo_id: str, revision: str | None = None, cache_dir: str | None 
     return _source(root / commit, name, manifest, reader, transfer)
 
 
-def _resolve(repo_id: str, revision: str | None, cache_dir, root: Path, name: str):
+def _resolve(repo_id: str, revision: str | None, name: str):
     """``(commit, {file: size})`` of the revision from the Hub, or ``(None, reason)`` when it cannot be reached."""
     import httpx2
     from huggingface_hub import HfApi
