@@ -26,11 +26,12 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from benchmarks import _common as C
-from benchmarks.localize_bench import PairShape, build_pair
+from benchmarks.localize_bench import PairShape, build_pair, parse_shape
 
 SHAPE = PairShape("16L x 32H x 2048, ffn 8192, vocab 32000 (~1.1B-param Llama)", 16, 32, 2048, 8, ffn=8192,
                   vocab=32000)
@@ -115,11 +116,11 @@ def render(result: dict[str, Any]) -> str:
              __doc__.split("\n\n", 1)[1].split("\n\nThe pair")[0].strip(), "",
              f"Pair: {p['shape']['name']}, {p['shape']['dtype']}; both checkpoints {p['checkpoint_bytes'] / 1e9:.2f} GB, "
              f"their q/k/v tensors {p['qkv_bytes'] / 1e9:.3f} GB ({100 * p['qkv_bytes'] / p['checkpoint_bytes']:.1f}%). "
-             f"Link: {bw / 1e6:.0f} MB/s. Medians of {result['reps']} run(s).", ""]
+             f"Link: {f'{bw / 1e6:.0f} MB/s' if bw else 'unthrottled'}. Medians of {result['reps']} run(s).", ""]
     rows = []
     for kind, m in p["methods"].items():
         rows.append([kind, m["seconds"]["median"], f"{m['bytes'] / 1e6:,.1f}", f"{m['bytes'] / p['checkpoint_bytes']:.3f}",
-                     f"{m['bytes'] / p['qkv_bytes']:.3f}", f"{m['bytes'] / bw:.1f}",
+                     f"{m['bytes'] / p['qkv_bytes']:.3f}", f"{m['bytes'] / bw:.1f}" if bw else "–",
                      f"{m['bytes'] / m['seconds']['median'] / 1e6:.0f}", int(m["requests"]),
                      f"{C.mib(m['peak_rss']):.0f}", m["same_scores_as_folders"]])
     lines.append(C.markdown_table(["method", "wall s", "MB read", "/ checkpoint bytes", "/ q/k/v bytes",
@@ -128,8 +129,9 @@ def render(result: dict[str, Any]) -> str:
     lines += ["", f"Ranged reads: {w / r:.1f}x faster than whole-shard downloads on this pair.", "",
               "Prediction for real pairs at the same link speed, from their q/k/v share (the time is the transfer: "
               "scoring a ~1B pair takes under a second, and it overlaps the reads):", ""]
-    lines.append(C.markdown_table(["pair", "total", "q/k/v", "q/k/v share", "whole shards", "ranged", "ratio"],
-                                  predictions(p)))
+    if bw:
+        lines.append(C.markdown_table(["pair", "total", "q/k/v", "q/k/v share", "whole shards", "ranged", "ratio"],
+                                      predictions(p)))
     lines += ["", C.produced_by(result["env"])]
     return "\n".join(lines)
 
@@ -138,7 +140,9 @@ def main(argv=None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--bandwidth", type=float, default=100e6, help="link speed in bytes/s (default 100e6)")
     p.add_argument("--reps", type=int, default=1)
-    p.add_argument("--shape", help="LxHxD:kv:ffn:vocab instead of the ~1B-shaped pair, e.g. 2x4x64:2:256:512")
+    p.add_argument("--shape", help="LxHxD[:kv[:dtype]] instead of the ~1B-shaped pair (with --ffn, --vocab)")
+    p.add_argument("--ffn", type=int, default=SHAPE.ffn, help=f"MLP width for --shape (default {SHAPE.ffn})")
+    p.add_argument("--vocab", type=int, default=SHAPE.vocab, help=f"vocabulary for --shape (default {SHAPE.vocab})")
     p.add_argument("--workdir", type=Path)
     p.add_argument("--out", type=Path, default=C.RESULTS)
     p.add_argument("--stem", default="localize_bench_remote")
@@ -151,10 +155,8 @@ def main(argv=None) -> dict[str, Any]:
     C.quiet_transformers()
     shape = SHAPE
     if args.shape:
-        dims, kv, ffn, vocab = args.shape.split(":")
-        layers, heads, hidden = (int(x) for x in dims.split("x"))
-        shape = PairShape(f"{layers}L x {heads}H x {hidden}, ffn {ffn}, vocab {vocab}", layers, heads, hidden,
-                          int(kv), ffn=int(ffn), vocab=int(vocab))
+        shape = parse_shape(args.shape)
+        shape = replace(shape, name=f"{shape.name}, ffn {args.ffn}, vocab {args.vocab}", ffn=args.ffn, vocab=args.vocab)
     env = C.environment()
     with tempfile.TemporaryDirectory() as tmp:
         point = measure(shape, args.workdir or Path(tmp), args.bandwidth, args.reps)
