@@ -38,6 +38,7 @@ class Request:
     range: str | None
     status: int
     sent: int = 0  # body bytes written
+    started: float = 0.0  # time.monotonic() when the request line arrived
 
 
 def commit_of(repo_id: str, revision: str) -> str:
@@ -114,6 +115,7 @@ class _QuietServer(ThreadingHTTPServer):
 def _handler(server: HubServer):
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True  # headers and body go in separate writes: no 40 ms delayed-ACK stall each
 
         def log_message(self, *args):  # quiet
             pass
@@ -126,7 +128,7 @@ def _handler(server: HubServer):
 
         def _serve(self, body: bool):
             path = urlsplit(self.path).path
-            self.record = Request(self.command, path, self.headers.get("Range"), 0)
+            self.record = Request(self.command, path, self.headers.get("Range"), 0, started=time.monotonic())
             with server._lock:
                 server.log.append(self.record)
             if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path):
@@ -214,12 +216,8 @@ def _handler(server: HubServer):
     return Handler
 
 
-_ETAGS: dict[tuple[str, float], str] = {}
-
-
 def _etag(file: Path) -> str:
-    key = (str(file), file.stat().st_mtime)
-    if key not in _ETAGS:
-        with open(file, "rb") as fh:
-            _ETAGS[key] = hashlib.file_digest(fh, "sha256").hexdigest()
-    return _ETAGS[key]
+    """A stable name for the file's content (hf_hub_download names the cached blob after it). Not the Hub's
+    sha256 of the content: hashing a multi-GB shard on its first request would stall the server for seconds."""
+    stat = file.stat()
+    return hashlib.sha1(f"{file}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()
