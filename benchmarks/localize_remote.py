@@ -126,9 +126,16 @@ def render(result: dict[str, Any]) -> str:
     lines.append(C.markdown_table(["method", "wall s", "MB read", "/ checkpoint bytes", "/ q/k/v bytes",
                                    "bytes / link s", "achieved MB/s", "requests", "peak RSS MiB", "scores = folders (bitwise)"], rows))
     w, r = p["methods"]["whole shards"]["seconds"]["median"], p["methods"]["ranged"]["seconds"]["median"]
-    lines += ["", f"Ranged reads: {w / r:.1f}x faster than whole-shard downloads on this pair.", "",
-              "Prediction for real pairs at the same link speed, from their q/k/v share (the time is the transfer: "
-              "scoring a ~1B pair takes under a second, and it overlaps the reads):", ""]
+    again = p["methods"]["ranged, second run"]["seconds"]["median"]
+    lines += ["", f"Ranged reads: {w / r:.1f}x faster than whole-shard downloads on this pair, reading "
+              f"{p['methods']['whole shards']['bytes'] / p['methods']['ranged']['bytes']:.1f}x fewer bytes. The second "
+              f"run, which reads nothing, takes {again:.1f} s: that is the scoring alone on this machine at this load "
+              "(0.7 s on an idle one, see localize_bench.md), so the ranged row is bound by the scoring, which the "
+              "read-ahead overlaps with the reads. Where a method reaches less than the link speed (achieved MB/s), the "
+              "stand-in server and the client share the machine's cores.", "",
+              "Prediction for real pairs on a link of the same speed, where the transfer is the cost (scoring grows "
+              "with the q/k/v bytes too: ~0.7 s per 0.4 GB of them on 2 idle cores, so ~3 s for the 7B pair and "
+              "~50 s for the 70B pair, an extrapolation, overlapped with the reads):", ""]
     if bw:
         lines.append(C.markdown_table(["pair", "total", "q/k/v", "q/k/v share", "whole shards", "ranged", "ratio"],
                                       predictions(p)))

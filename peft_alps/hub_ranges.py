@@ -324,8 +324,9 @@ class HubAttentionSource(SafetensorsSource):
     :class:`Fetcher` fills as the layers are asked for (no fetcher once every layer is cached)."""
 
     def __init__(self, folder: Path, name: str, entries: list[Entry], config: Any, transfer: Transfer,
-                 fetcher: Fetcher | None = None, reader: RangeReader | None = None):
-        self.transfer, self._fetcher, self._reader = transfer, fetcher, reader
+                 reader: RangeReader | None = None):
+        self.transfer, self._reader = transfer, reader
+        self._fetcher: Fetcher | None = None  # set by _source when layers are missing
         files = {e.name: folder / layer_file_name(e.layer) for e in entries}
         self._layer_of = {path: e.layer for e, path in zip(entries, files.values())}
         super().__init__(folder, name=name, files=files, config=config)
@@ -500,8 +501,8 @@ def _source(folder: Path, name: str, manifest: dict[str, Any], reader: RangeRead
     transfer.attention_bytes = sum(e.size for e in entries)
     transfer.layers_cached = len(_by_layer(entries)) - len(missing)
     transfer.cache_dir = folder
-    fetcher = None
-    if missing:
+    source = HubAttentionSource(folder, name, entries, _load_config(folder, name), transfer, reader)
+    if missing:  # (started once the source has checked that every layer's tensors are there)
         layers = _by_layer(entries)
 
         def fetch(layer: int) -> None:
@@ -514,10 +515,10 @@ def _source(folder: Path, name: str, manifest: dict[str, Any], reader: RangeRead
                     f"{err}). The {done} of {len(layers)} layers read completely are cached in {folder}; run the "
                     "same localization again to resume from the first missing layer.")
 
-        fetcher = Fetcher(missing, fetch, describe)
+        source._fetcher = Fetcher(missing, fetch, describe)
     else:
         transfer.mode = "cached"
-    return HubAttentionSource(folder, name, entries, _load_config(folder, name), transfer, fetcher, reader)
+    return source
 
 
 def _cached_source(folder: Path, name: str) -> HubAttentionSource | None:
