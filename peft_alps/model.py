@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from typing import Any
 
@@ -16,6 +17,7 @@ from peft.utils import get_quantization_kwargs
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .batches import adapter_names_hooks
 from .config import AlpsConfig
 from .layer import AlpsLayer, dispatch_linear
 from .layouts import HeadDims, HeadLayout, head_axis_size, head_slice, layout_for_config
@@ -312,6 +314,15 @@ class AlpsModel(BaseTuner):
         new_active = remaining_active or sorted(self.peft_config)[:1]
         if new_active:
             self.set_adapter(new_active)
+
+    # ------------------------------------------------------------------------------------ mixed batches
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        """``model(x, adapter_names=[...])`` / ``generate(..., adapter_names=[...])``: one adapter (or
+        ``"__base__"``) per row of the batch, as with LoRA; see :mod:`peft_alps.batches`."""
+        with adapter_names_hooks(self, **kwargs):
+            yield
 
     # ------------------------------------------------------------------------------------ merging
 
