@@ -1,6 +1,6 @@
 """Localize task-sensitive attention heads: the PAD score of every head of a base/task model pair.
 
-For each query head ``h`` of each layer (see ``shared/ALPS_METHOD.md`` for the method):
+For each query head ``h`` of each layer (see ``docs/method.md`` for the method):
 
 1. per-head matrix, from the base and from the task weights
    (``variant="qkv_product"``, the paper) ``Wo_h = Wq_h^T @ (Wk_kv(h) @ Wv_kv(h)^T)``, ``d x d_h``; or

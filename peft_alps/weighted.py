@@ -47,8 +47,8 @@ def _check_request(tuner: Any, adapters: Sequence[str], weights: Sequence[float]
 
 
 def combined_config(configs: dict[str, AlpsConfig], weights: Sequence[float]) -> AlpsConfig:
-    """The config of the combination: union of ``target_heads`` and ``target_modules``; the geometry, exclusions and
-    extra modules must agree (the error says which adapters differ and how)."""
+    """The config of the combination: union of ``target_heads`` and ``target_modules`` (and bias entries if any
+    adapter trains them); the geometry, exclusions and extra modules must agree (the error says which adapters differ and how)."""
     names = list(configs)
     first = configs[names[0]]
     layouts = {name: c.head_layout for name, c in configs.items() if c.head_layout}
@@ -89,6 +89,7 @@ def combined_config(configs: dict[str, AlpsConfig], weights: Sequence[float]) ->
         first,
         target_heads={layer: sorted(h) for layer, h in sorted(heads.items())},
         target_modules=target_modules,
+        bias="heads" if any(c.bias == "heads" for c in configs.values()) else first.bias,  # keep every bias slice
         init_weights=True,
         head_scores=None,
         ratio=None,

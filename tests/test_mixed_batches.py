@@ -75,7 +75,8 @@ FAMILIES = ["llama_gqa", "gpt2", "phi3"]
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def model(request):
-    return two_adapter_model(request.param)
+    bias = {"bias": "heads"} if request.param == "gpt2" else {}  # GPT-2: the heads' c_attn bias entries too
+    return two_adapter_model(request.param, **bias)
 
 
 def test_forward_rows_equal_their_adapter_alone(model):
