@@ -544,7 +544,9 @@ def render(result: dict[str, Any]) -> str:
         lines.append(C.markdown_table(["task", "method", "step 0", *[f"step {k}" for k in steps]], rows))
         lines.append("")
     lines += ["Forgetting = held-out loss on that probe minus the base model's (higher = more forgotten). "
-              "'rank among draws' = how many of the Random (LC) head draws the row's mean EM beats (ties count half).",
+              "'beats Random (LC) draws' = how many of the Random (LC) head draws the row's mean EM beats (ties count "
+              "half). A negative forgetting on another task's answers means training taught the answer-only format, "
+              "which those answers share.",
               ""]
     if result.get("env"):
         lines.append(C.produced_by(result["env"], f" in {result.get('elapsed_s', 0) / 60:.1f} min"))
