@@ -4,24 +4,19 @@ The check itself needs llama.cpp's converters and llama-cpp-python, which CI doe
 benchmarks/results/serve_check.md.
 """
 
-import importlib.util
 import json
 import sys
 import types
-from pathlib import Path
 
 import pytest
 from transformers import AutoConfig, AutoTokenizer
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "serve_check.py"
+from tests.benchmark_scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("serve_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("serve_check")
 
 
 def test_without_converters_the_script_skips_and_says_how_to_get_them(bench, tmp_path):
