@@ -17,7 +17,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .config import AlpsConfig
-from .layer import AlpsLayer, dispatch_linear
+from .layer import AlpsLayer, broken_adapter_error, dispatch_linear
 from .layouts import HeadDims, HeadLayout, head_axis_size, head_slice, layout_for_config
 from .quantization import keep_cpu_4bit_trainable
 from .registration import PREFIX
@@ -323,9 +323,10 @@ class AlpsModel(BaseTuner):
             if isinstance(module, AlpsLayer):
                 for name in names:
                     if name not in module.merged_adapters and not module.merged_slice_is_finite(name):
-                        raise ValueError(
-                            f"NaNs or infs in the merged weights of {key!r}: the adapter {name!r} seems to be broken "
-                            "(diverged training or a damaged file). Nothing was merged."
+                        raise broken_adapter_error(
+                            name,
+                            f"NaNs or infs in the merged weights of {key!r} (diverged training or a damaged file). "
+                            "Nothing was merged.",
                         )
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
