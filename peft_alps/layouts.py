@@ -265,7 +265,7 @@ def get_layout(model_type: str | None) -> HeadLayout:
             f"ALPS has no head layout for model_type {model_type!r}. Supported model types: "
             f"{', '.join(supported_model_types())}. To add one, call "
             "peft_alps.register_layout(HeadLayout(model_types=(...), layers=..., projections=(...))) "
-            "before get_peft_model (see 'Custom architectures' in the README)."
+            "before get_peft_model (see 'Custom architectures' in docs/architectures.md)."
         )
     return layout
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from peft.tuners.tuners_utils import (
@@ -16,6 +19,7 @@ from peft.utils import get_quantization_kwargs
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .batches import adapter_names_hooks
 from .config import AlpsConfig
 from .layer import AlpsLayer, broken_adapter_error, dispatch_linear
 from .layouts import HeadDims, HeadLayout, head_axis_size, head_slice, layout_for_config
@@ -23,6 +27,7 @@ from .quantization import keep_cpu_4bit_trainable
 from .registration import PREFIX
 from .safe_loading import check_adapter_file, expected_tensors, resolve_weights_file
 from .training import install_partial_backprop, uninstall_partial_backprop
+from .weighted import add_weighted_adapter
 
 
 def _model_config(model: nn.Module) -> Any:
@@ -189,7 +194,44 @@ def check_loaded_deltas(tuner: nn.Module, state_dict: dict[str, Any], prefix: st
             )
 
 
-class AlpsModel(BaseTuner):
+@contextmanager
+def alps_bias_hidden_from_peft(configs: dict[str, Any]) -> Iterator[None]:
+    """While PEFT's generic tuner code runs, let ALPS configs read ``bias="none"``.
+
+    That code reads ``config.bias`` with LoRA's meaning: train the base layers' own biases, which all adapters share
+    (``"all"``, ``"lora_only"``), so it freezes or unfreezes base biases, refuses a second adapter with a bias, warns
+    that disabling such an adapter does not restore the base model, and raises on any other value. ALPS's
+    ``bias="heads"`` adds per-adapter bias deltas instead: adapter parameters like the weight deltas, never shared,
+    and disabled with the adapter. Other adapter types (LoRA in a mixed model) keep their own ``bias``.
+    """
+    alps = [(config, config.bias) for config in configs.values() if isinstance(config, AlpsConfig)]
+    for config, _ in alps:
+        config.bias = "none"
+    try:
+        yield
+    finally:
+        for config, bias in alps:
+            config.bias = bias
+
+
+class AlpsBiasMixin:
+    """The BaseTuner steps that read ``config.bias``, run with :func:`alps_bias_hidden_from_peft` (for
+    :class:`AlpsModel` and the mixed-model tuner)."""
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        with alps_bias_hidden_from_peft(self.peft_config):
+            super()._mark_only_adapters_as_trainable(model)
+
+    def _check_new_adapter_config(self, config: Any) -> None:
+        with alps_bias_hidden_from_peft(self.peft_config):
+            super()._check_new_adapter_config(config)
+
+    def disable_adapter_layers(self) -> None:
+        with alps_bias_hidden_from_peft(self.peft_config):
+            super().disable_adapter_layers()
+
+
+class AlpsModel(AlpsBiasMixin, BaseTuner):
     """Creates an ALPS model: only the selected attention heads' slices of q/k/v/o are trainable.
 
     Example:
@@ -281,7 +323,7 @@ class AlpsModel(BaseTuner):
                 )
             in_features, out_features = _get_in_out_features(base)
             axis, index = head_slice(projection.role, dims, peft_config.target_heads[layer_idx])
-            has_bias = getattr(base, "bias", None) is not None
+            has_bias = peft_config.bias == "heads" and getattr(base, "bias", None) is not None
             expected.append((key, in_features, out_features, axis, len(index), has_bias))
         check_adapter_file(resolve_weights_file(source), expected_tensors(expected))
 
@@ -312,6 +354,30 @@ class AlpsModel(BaseTuner):
         new_active = remaining_active or sorted(self.peft_config)[:1]
         if new_active:
             self.set_adapter(new_active)
+
+    # ------------------------------------------------------------------------------------ mixed batches
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        """``model(x, adapter_names=[...])`` / ``generate(..., adapter_names=[...])``: one adapter (or
+        ``"__base__"``) per row of the batch, as with LoRA; see :mod:`peft_alps.batches`."""
+        with adapter_names_hooks(self, **kwargs):
+            yield
+
+    # ------------------------------------------------------------------------------------ combining
+
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "linear"
+    ) -> None:
+        """Add ``adapter_name``, an ALPS adapter equal to ``sum_i weights[i] * delta(adapters[i])``, exactly.
+
+        It trains the union of the adapters' ``target_heads`` on the union of their ``target_modules``, so merging
+        it gives ``W + sum_i w_i * dW_i``. Weights may be negative. As with LoRA, the new adapter is not made active
+        (``set_adapter(adapter_name)``), and an existing ``adapter_name`` is left as it is. ``combination_type``
+        exists for LoRA's signature: only ``"linear"`` is accepted, since head-slice deltas need no approximation.
+        See :mod:`peft_alps.weighted`.
+        """
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type=combination_type)
 
     # ------------------------------------------------------------------------------------ merging
 
@@ -369,12 +435,15 @@ class AlpsModel(BaseTuner):
             "axis": axis,
             "transposed": projection.transposed,
             "init_weights": peft_config.init_weights,
+            "train_bias": peft_config.bias == "heads",
             **get_quantization_kwargs(self.model),
         }
         if isinstance(target, AlpsLayer):
             if target.axis != axis or target.transposed != projection.transposed:
                 raise ValueError(f"{current_key}: inconsistent ALPS layout between adapters")
-            target.update_layer(adapter_name, index, init_weights=peft_config.init_weights)
+            target.update_layer(
+                adapter_name, index, init_weights=peft_config.init_weights, train_bias=kwargs["train_bias"]
+            )
             return
         layer_cls = dispatch_linear(target)
         if layer_cls is None:  # _prepare_model has already refused these; kept for direct callers

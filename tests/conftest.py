@@ -18,3 +18,11 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def smollm2_folder():
+    """The real SmolLM2-135M checkpoint folder (peft_alps.models; built once per machine, then cached)."""
+    from peft_alps import models
+
+    return models.load("smollm2-135m")

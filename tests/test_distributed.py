@@ -107,7 +107,7 @@ def test_zero3_style_state_dict_saves_the_adapter(tmp_path):
 
 
 def readme_config_files():
-    section = (ROOT / "README.md").read_text().split("## Multi-GPU training", 1)[1].split("\n## ", 1)[0]
+    section = (ROOT / "docs" / "training.md").read_text().split("## Multi-GPU training", 1)[1].split("\n## ", 1)[0]
     return sorted(set(re.findall(r"--config_file (\S+)", section)))
 
 
