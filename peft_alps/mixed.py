@@ -48,6 +48,7 @@ from .registration import PREFIX, ensure_peft_type
 from .training import install_partial_backprop, uninstall_partial_backprop
 
 SKIP_ENV = "PEFT_ALPS_SKIP_MIXED"
+TESTED_PEFT = "0.21"  #: the PEFT minor release whose mixed-model internals these checks were written against
 FEATURE = "ALPS in PeftMixedModel"
 
 
@@ -294,8 +295,8 @@ def _refusing(method: Any) -> Any:
         if reason is not None and any(isinstance(a, AlpsConfig) for a in (*args, *kwargs.values())):
             raise MixedSupportError(
                 f"ALPS adapters cannot be used in a PeftMixedModel on {compat.versions()}: {reason}. Use a plain "
-                "PeftModel (get_peft_model without mixed=True; it holds several ALPS adapters), or a PEFT release "
-                "peft_alps supports in mixed models (see its pyproject.toml)."
+                "PeftModel (get_peft_model without mixed=True; it holds several ALPS adapters), or the PEFT release "
+                f"this peft_alps was tested with in mixed models (pip install 'peft=={TESTED_PEFT}.*')."
             )
         return method(self, *args, **kwargs)
 
