@@ -8,9 +8,9 @@ one KV group of one layer at a time) or a whole layer (:meth:`AttentionSource.la
   ``safetensors.safe_open``, and rows are zero-copy views of the file's memory map, whose pages are dropped from
   the process's memory by :meth:`AttentionSource.release` (nothing else in the file is read). A folder that holds
   only the attention tensors is fine;
-* a **Hub repo id** is resolved through ``huggingface_hub``: ``config.json``, the shard index, and only the
-  shards that hold attention tensors are fetched (from the local cache when ``HF_HUB_OFFLINE=1``), then read
-  like a folder;
+* a **Hub repo id**: only the q/k/v byte ranges are read (HTTP Range, with read-ahead) into a per-commit attention
+  cache, then read like a folder (:mod:`peft_alps.hub_ranges`); offline, or from a server without Range support,
+  the shards that hold attention tensors are read whole from the Hugging Face cache (:func:`_hub_source`);
 * an in-memory **transformers model** is read module by module; a bitsandbytes 4/8-bit weight is
   dequantized one layer at a time (the last few layers are kept while their rows are asked for).
 
@@ -343,13 +343,15 @@ def _read_index(path: Path, name: str) -> dict[str, str]:
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def _hub_source(repo_id: str, revision: str | None = None, cache_dir: str | None = None) -> SafetensorsSource:
-    """Fetch config, shard index and only the shards holding attention tensors; read them like a folder."""
+def _hub_source(repo_id: str, revision: str | None = None, cache_dir: str | None = None,
+                local_files_only: bool = False) -> SafetensorsSource:
+    """Fetch config, shard index and only the shards holding attention tensors whole; read them like a folder."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
     def fetch(filename: str) -> Path:
-        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir))
+        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
+                                    local_files_only=local_files_only))
 
     try:
         config_path = fetch("config.json")
@@ -472,4 +474,6 @@ def open_source(model_or_path: Any, *, revision: str | None = None, cache_dir: s
         raise OSError(f"{text!r} is a file; pass the checkpoint folder that holds config.json and the safetensors files")
     if isinstance(model_or_path, os.PathLike) or not _REPO_ID.match(text) or ".." in text:
         raise OSError(f"checkpoint folder {text!r} does not exist (and it is not a Hub repo id)")
-    return _hub_source(text, revision=revision, cache_dir=cache_dir)
+    from .hub_ranges import hub_source
+
+    return hub_source(text, revision=revision, cache_dir=cache_dir)

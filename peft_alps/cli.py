@@ -50,15 +50,19 @@ def add_localize_command(subparsers) -> None:
 
 
 def run_localize(args: argparse.Namespace) -> int:
+    from .checkpoints import open_source
+    from .hub_ranges import transfer_summary
     from .localization import localize_heads
     from .scores import num_selected
 
     ratio = args.ratio if args.ratio is not None or args.k is not None else 0.1
     num_selected(10**9, ratio, args.k)  # range errors before the scoring, not after
-    scores = localize_heads(
-        args.base, args.task, metric=args.metric, variant=args.variant, tau=args.tau,
-        progress=not args.no_progress, revision=args.revision, task_revision=args.task_revision,
-    )
+    base = open_source(args.base, revision=args.revision)  # opened here to report the bytes read from the Hub
+    task = open_source(args.task, revision=args.task_revision)
+    scores = localize_heads(base, task, metric=args.metric, variant=args.variant, tau=args.tau,
+                            progress=not args.no_progress)
+    if summary := transfer_summary(base, task):
+        print(summary)
     count = num_selected(scores.total_heads, ratio, args.k)
     selected = scores.top_k(k=count)
     path = scores.save(args.output)
