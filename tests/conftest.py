@@ -18,3 +18,11 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+SUMMARY = pytest.StashKey[list]()  # lines a test leaves for the terminal summary (tests/test_docs_snippets.py)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    for line in config.stash.get(SUMMARY, []):
+        terminalreporter.write_line(line)
