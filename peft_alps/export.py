@@ -6,19 +6,25 @@ A head-slice delta is already a low-rank product with a selection matrix, so no 
   ``ΔW = E_R @ D`` with ``E_R`` the ``[out, |R|]`` one-hot selection -> ``lora_B = E_R``, ``lora_A = D``;
 * columns ``C`` of an output projection, delta ``D`` of shape ``[out, |C|]``:
   ``ΔW = D @ E_C^T`` -> ``lora_B = D``, ``lora_A = E_C^T``;
-* bias entries of rows ``R`` (biased bases such as Qwen2): LoRA's ``lora_bias=True``, i.e. ``lora_B.bias``.
+* bias entries of rows ``R`` (only adapters made with ``AlpsConfig(bias="heads")``): LoRA's ``lora_bias=True``,
+  i.e. ``lora_B.bias``, written only for the modules that have bias deltas.
 
 LoRA computes ``lora_B(lora_A(x)) * lora_alpha / r``; with ``lora_alpha = r`` the scale is 1 and the products
 above are exact: multiplying by a one-hot matrix only copies numbers, and zero padding adds zeros.
 
-Serving engines differ in what they honour:
+What the serving engines accept (read from their code, vLLM's ``vllm/lora/peft_helper.py`` and llama.cpp's
+``convert_lora_to_gguf.py`` / ``src/llama-adapter.h``):
 
 * default (``per_module_ranks=False``): one rank ``r`` for every module, smaller slices zero-padded, and
-  ``lora_alpha = r``. This is what vLLM needs: it ignores ``rank_pattern``/``alpha_pattern``, applies a single
-  ``lora_alpha / r`` scale, and serves ranks up to ``max_lora_rank`` (at most 512).
+  ``lora_alpha = r``, so every module's scale is 1 in any engine. vLLM serves ranks up to ``--max-lora-rank``
+  (at most 512); llama.cpp has no rank limit.
 * ``per_module_ranks=True``: each module gets exactly the rank its slices need, written as ``rank_pattern`` /
-  ``alpha_pattern`` (alpha = rank, so every scale is 1). Smaller files; for PEFT itself and engines that honour
-  the patterns.
+  ``alpha_pattern`` (alpha = rank, so every scale is 1). PEFT and vLLM apply the patterns per module (vLLM's
+  ``PEFTHelper`` matches them as PEFT does). llama.cpp does not: its converter keeps only the global
+  ``lora_alpha`` and scales each tensor by ``lora_alpha / its own rank``, so every module whose rank is below the
+  largest one is scaled up, and the adapter is wrong there.
+* biases: vLLM refuses ``lora_bias=True`` ("vLLM does not support LoRA bias"), and llama.cpp's converter stops at
+  a ``lora_B.bias`` tensor ("Not a lora_A or lora_B tensor"). Adapters with the default ``bias="none"`` have none.
 """
 
 from __future__ import annotations
@@ -69,6 +75,21 @@ def _factors(layer: AlpsLayer, adapter_name: str, dtype: Optional[torch.dtype]) 
     selection = torch.zeros(n, layer.in_features, dtype=dtype)
     selection[columns, index] = 1
     return selection, delta  # lora_A = E_C^T [n, in], lora_B = D [out, n]
+
+
+_BIAS_WARNING = (
+    "ALPS adapter {adapter!r} was trained with bias='heads'; its bias slices are exported as LoRA biases "
+    "(lora_bias=True, lora_B.bias). PEFT loads them (and reports the lora_B.bias of modules without bias deltas as "
+    "missing keys: they stay zero). Serving engines refuse them: vLLM says \"vLLM does not support LoRA bias\", "
+    "llama.cpp's convert_lora_to_gguf.py says \"Not a lora_A or lora_B tensor\". To serve there, train with "
+    "AlpsConfig(bias='none') (the default)."
+)
+_PATTERN_WARNING = (
+    "exporting ALPS adapter {adapter!r} with per_module_ranks=True: PEFT and vLLM apply rank_pattern/alpha_pattern "
+    "per module, but llama.cpp applies the one global lora_alpha={alpha} to every module, scaled by each tensor's own "
+    "rank, so modules with a smaller rank come out scaled up and the adapter is wrong there. For llama.cpp export "
+    "with the default one rank (per_module_ranks=False)."
+)
 
 
 def _transformers_model(peft_model: nn.Module) -> nn.Module:
@@ -128,7 +149,8 @@ def export_to_lora(
             (the largest number of rows/columns a module's selected heads own). A rank that some module does not
             fit in is refused before anything is written.
         per_module_ranks: write each module's own rank as ``rank_pattern``/``alpha_pattern`` instead of padding
-            to one rank. vLLM ignores these patterns, so keep the default for vLLM.
+            to one rank. Smaller; PEFT and vLLM honour the patterns, llama.cpp does not (it warns), so keep the
+            default for llama.cpp.
         dtype: dtype of the written tensors (default: the adapter's own dtype).
 
     Returns:
@@ -175,18 +197,16 @@ def export_to_lora(
             "fan_in_fan_out flag, so it cannot be exported as one LoRA adapter"
         )
     top = rank if not per_module_ranks else needed
-    if not per_module_ranks and top > VLLM_MAX_RANK:
+    if top > VLLM_MAX_RANK:  # vLLM checks the largest of r and the rank_pattern values
         warnings.warn(
             f"exporting ALPS adapter {adapter_name!r} at LoRA rank {top}: vLLM serves ranks up to {VLLM_MAX_RANK}. "
             "Select fewer heads per layer (or narrow target_modules) for vLLM."
         )
     use_bias = any(h.bias is not None for h in heads)
     if use_bias:
-        warnings.warn(
-            f"ALPS adapter {adapter_name!r} trains bias slices; they are exported with LoRA's lora_bias=True. PEFT "
-            "loads them, but not every serving engine supports LoRA biases, and PEFT cannot merge lora_bias into "
-            "a projection without a bias of its own."
-        )
+        warnings.warn(_BIAS_WARNING.format(adapter=adapter_name))
+    if per_module_ranks and len({h.rank for h in heads}) > 1:
+        warnings.warn(_PATTERN_WARNING.format(adapter=adapter_name, alpha=top))
 
     extra = _modules_to_save_state(peft_model, adapter_name)
     if extra:
@@ -203,9 +223,8 @@ def export_to_lora(
         key = f"{_PREFIX}{head.name}"
         state[f"{key}.lora_A.weight"] = lora_a.contiguous()
         state[f"{key}.lora_B.weight"] = lora_b.contiguous()
-        if use_bias:
-            bias = head.bias if head.bias is not None else lora_b.new_zeros(lora_b.shape[0])
-            state[f"{key}.lora_B.bias"] = bias.contiguous()
+        if head.bias is not None:  # modules without bias deltas get none, not a zero vector
+            state[f"{key}.lora_B.bias"] = head.bias.contiguous()
         rank_pattern[head.name] = r
 
     pattern = rank_pattern if per_module_ranks else {}

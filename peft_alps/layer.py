@@ -5,7 +5,7 @@ the layer stores
 
 * ``alps_delta[name]``: ``[len(index), in_features]`` for row slices, ``[out_features, len(index)]`` for
   column slices, in ``[out, in]`` orientation whatever the base layer's storage;
-* ``alps_bias[name]``: ``[len(index)]``, only for row slices of a base layer that has a bias;
+* ``alps_bias[name]``: ``[len(index)]``, only with ``bias="heads"``, for row slices of a base layer that has a bias;
 * ``alps_index[name]``: the row/column indices (a non-persistent buffer; it is rebuilt from the config's
   ``target_heads`` and never saved).
 
@@ -63,9 +63,11 @@ class AlpsLayer(BaseTunerLayer):
         index: list[int],
         init_weights: bool = True,
         inference_mode: bool = False,
+        train_bias: bool = False,
         **kwargs: Any,
     ) -> None:
-        """Create the delta of ``adapter_name`` covering ``index`` (rows or columns, depending on ``self.axis``)."""
+        """Create the delta of ``adapter_name`` covering ``index`` (rows or columns, depending on ``self.axis``);
+        with ``train_bias`` also a delta of the selected bias entries, for row slices of a base with a bias."""
         limit = self.out_features if self.axis == "out" else self.in_features
         if not index or min(index) < 0 or max(index) >= limit:
             raise ValueError(
@@ -76,7 +78,7 @@ class AlpsLayer(BaseTunerLayer):
         shape = (n, self.in_features) if self.axis == "out" else (self.out_features, n)
         self.alps_index[adapter_name] = torch.tensor(index, dtype=torch.long)
         self.alps_delta[adapter_name] = nn.Parameter(torch.zeros(shape))
-        if self.axis == "out" and self._base_has_bias:
+        if train_bias and self.axis == "out" and self._base_has_bias:
             self.alps_bias[adapter_name] = nn.Parameter(torch.zeros(n))
         if not init_weights:
             self._random_init(adapter_name)
@@ -209,12 +211,13 @@ class Linear(nn.Module, AlpsLayer):
         axis: Axis,
         transposed: bool = False,
         init_weights: bool = True,
+        train_bias: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__()
         AlpsLayer.__init__(self, base_layer, axis=axis, transposed=transposed, **kwargs)
         self._active_adapter = adapter_name
-        self.update_layer(adapter_name, index, init_weights=init_weights)
+        self.update_layer(adapter_name, index, init_weights=init_weights, train_bias=train_bias)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:

@@ -40,7 +40,7 @@ from torch import nn
 
 from .config import AlpsConfig
 from .layer import AlpsLayer
-from .model import AlpsModel
+from .model import AlpsBiasMixin, AlpsModel
 from .registration import PREFIX, ensure_peft_type
 
 #: PEFT releases whose mixed-model internals this module has been checked against (also pinned in pyproject.toml).
@@ -164,7 +164,7 @@ _Base, _BASE_ERROR = _original_mixed_model()
 _BASE_FOUND = not _BASE_ERROR
 
 
-class AlpsMixedModel(_Base):
+class AlpsMixedModel(AlpsBiasMixin, _Base):
     """PEFT's ``MixedModel`` with ALPS support: each per-config step of an ALPS adapter runs ``AlpsModel``'s code
     (head-layout defaults, validation before any module is replaced, head-aware matching, head-sliced layers);
     every other adapter type takes PEFT's own path unchanged."""

@@ -132,6 +132,7 @@ def check_adapter_file(path: str, expected: Mapping[str, tuple[int, ...]]) -> No
     found = {name: shape for name, (_, shape) in header.items() if ".alps_" in name}
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
+    _check_bias_setting(path, missing, unexpected)
     if missing:
         raise ValueError(
             f"{path} is missing {len(missing)} of the {len(expected)} ALPS tensors that its adapter_config.json "
@@ -160,6 +161,24 @@ def check_adapter_file(path: str, expected: Mapping[str, tuple[int, ...]]) -> No
                     f"{path}: tensor {name!r} has {bad} NaN/inf values; the adapter is broken (diverged training or "
                     "a damaged file). Retrain with a lower learning rate, or re-save/re-download it."
                 )
+
+
+def _check_bias_setting(path: str, missing: list[str], unexpected: list[str]) -> None:
+    """Name the ``bias`` setting when it is all that separates the file from its config."""
+    def only_bias(names: list[str]) -> bool:
+        return bool(names) and all(name.endswith(".alps_bias") for name in names)
+
+    if only_bias(unexpected) and not missing:
+        raise ValueError(
+            f"{path} holds bias deltas ({len(unexpected)} alps_bias tensors, e.g. {unexpected[0]!r}), but its "
+            "adapter_config.json has bias='none'. The adapter was trained with bias='heads': set \"bias\": \"heads\" "
+            "in adapter_config.json, or save config and weights together with model.save_pretrained(...)."
+        )
+    if only_bias(missing) and not unexpected:
+        raise ValueError(
+            f"{path} has no bias deltas (e.g. {missing[0]!r}), but its adapter_config.json has bias='heads'. "
+            "The adapter was trained with bias='none': set \"bias\": \"none\" in adapter_config.json."
+        )
 
 
 def expected_tensors(

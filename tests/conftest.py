@@ -20,6 +20,14 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="session")
+def smollm2_folder():
+    """The real SmolLM2-135M checkpoint folder (peft_alps.models; built once per machine, then cached)."""
+    from peft_alps import models
+
+    return models.load("smollm2-135m")
+
+
 SUMMARY = pytest.StashKey[list]()  # lines a test leaves for the terminal summary (tests/test_docs_snippets.py)
 
 

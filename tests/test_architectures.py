@@ -168,6 +168,10 @@ FAMILIES = [
            auto="AutoModelForMaskedLM"),
 ]
 IDS = [f.name for f in FAMILIES]
+# every family with the default bias="none", and the families whose projections have biases with bias="heads"
+BIAS_CASES = [pytest.param(f, "none", id=f.name) for f in FAMILIES] + [
+    pytest.param(f, "heads", id=f"{f.name}-bias_heads") for f in FAMILIES if f.bias
+]
 
 
 # ----------------------------------------------------------------------------- independent oracles
@@ -196,8 +200,9 @@ def expected_indices(kind, n, g, d, heads):
     return 0, set().union(*(rows for h in heads for rows in head_rows(kind, n, g, d, h).values()))
 
 
-def expected_trainable(fam, target_heads):
-    """Trainable parameters from the family's geometry: (heads, groups) x head_dim x hidden, plus row biases."""
+def expected_trainable(fam, target_heads, bias="none"):
+    """Trainable parameters from the family's geometry: (heads, groups) x head_dim x hidden, plus, with
+    ``bias="heads"``, the selected rows of biased projections."""
     total = 0
     for heads in target_heads.values():
         nh, ng = len(heads), len({h // (fam.n // fam.g) for h in heads})
@@ -206,7 +211,7 @@ def expected_trainable(fam, target_heads):
             if rows is None:  # o: all outputs x the selected heads' input columns, bias not head-sliced
                 total += fam.hidden * nh * fam.d
             else:
-                total += rows * fam.d * fam.hidden + (rows * fam.d if path in fam.bias else 0)
+                total += rows * fam.d * fam.hidden + (rows * fam.d if bias == "heads" and path in fam.bias else 0)
     return total
 
 
@@ -226,7 +231,7 @@ def changed_indices(before, after, axis):
     return set(torch.nonzero(diff.any(dim=other)).flatten().tolist())
 
 
-def assert_only_selected_slices_changed(fam, before, after, target_heads, exact=False):
+def assert_only_selected_slices_changed(fam, before, after, target_heads, exact=False, bias="none"):
     checked = 0
     for name, old in before.items():
         new = after[name]
@@ -237,7 +242,7 @@ def assert_only_selected_slices_changed(fam, before, after, target_heads, exact=
         layer, path, param = key
         axis, allowed = expected_indices(fam.proj[path], fam.n, fam.g, fam.d, target_heads[layer])
         if param == "bias":
-            if axis == 1:  # the output projection's bias is not per head
+            if axis == 1 or bias == "none":  # the output projection's bias is not per head; "none" trains no bias
                 assert torch.equal(old, new), f"{name} changed"
                 continue
             changed = changed_indices(old, new, 0)
@@ -286,11 +291,11 @@ def state(model):
 # ----------------------------------------------------------------------------- adapter on every family
 
 
-@pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
-def test_default_targets_identity_and_trainable_count(fam):
+@pytest.mark.parametrize("fam,bias", BIAS_CASES)
+def test_default_targets_identity_and_trainable_count(fam, bias):
     base = fam.build()
     ref = logits(base)
-    model = get_peft_model(base, AlpsConfig(target_heads=HEADS))
+    model = get_peft_model(base, AlpsConfig(target_heads=HEADS, bias=bias))
 
     wrapped = {n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, peft_alps.AlpsLayer)}
     expected = {n for n, _ in base.named_modules() if (k := attention_key(fam, n + ".weight")) and k[0] in HEADS}
@@ -298,28 +303,29 @@ def test_default_targets_identity_and_trainable_count(fam):
     assert wrapped == expected
 
     assert torch.equal(logits(model), ref)
-    assert n_trainable(model) == expected_trainable(fam, HEADS)
-    assert all(n.split(".")[-2] in ("alps_delta", "alps_bias") for n, p in model.named_parameters() if p.requires_grad)
+    assert n_trainable(model) == expected_trainable(fam, HEADS, bias)
+    allowed = ("alps_delta", "alps_bias") if bias == "heads" else ("alps_delta",)
+    assert all(n.split(".")[-2] in allowed for n, p in model.named_parameters() if p.requires_grad)
 
 
-@pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
-def test_training_moves_output_merge_matches_and_touches_only_selected_slices(fam):
+@pytest.mark.parametrize("fam,bias", BIAS_CASES)
+def test_training_moves_output_merge_matches_and_touches_only_selected_slices(fam, bias):
     base = fam.build()
     before = state(base)
     ref = logits(base)
-    model = train(get_peft_model(base, AlpsConfig(target_heads=HEADS)))
+    model = train(get_peft_model(base, AlpsConfig(target_heads=HEADS, bias=bias)))
     unmerged = logits(model)
     assert not torch.allclose(unmerged, ref, atol=1e-4)
     merged = model.merge_and_unload()
     torch.testing.assert_close(logits(merged), unmerged, rtol=1e-4, atol=1e-5)
-    assert_only_selected_slices_changed(fam, before, state(merged), HEADS)
+    assert_only_selected_slices_changed(fam, before, state(merged), HEADS, bias=bias)
 
 
-@pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
-def test_merge_changes_exactly_the_selected_slices_and_delta_weight_orientation(fam):
+@pytest.mark.parametrize("fam,bias", BIAS_CASES)
+def test_merge_changes_exactly_the_selected_slices_and_delta_weight_orientation(fam, bias):
     base = fam.build()
     before = state(base)
-    model = get_peft_model(base, AlpsConfig(target_heads=HEADS, init_weights=False))
+    model = get_peft_model(base, AlpsConfig(target_heads=HEADS, init_weights=False, bias=bias))
     deltas = {
         n.removeprefix("base_model.model."): m.get_delta_weight("default")
         for n, m in model.named_modules()
@@ -332,7 +338,7 @@ def test_merge_changes_exactly_the_selected_slices_and_delta_weight_orientation(
     torch.testing.assert_close(logits(model), unmerged, rtol=1e-4, atol=1e-5)
     merged = model.merge_and_unload()
     after = state(merged)
-    assert_only_selected_slices_changed(fam, before, after, HEADS, exact=True)
+    assert_only_selected_slices_changed(fam, before, after, HEADS, exact=True, bias=bias)
     # get_delta_weight is the full delta in the stored orientation (Conv1D: [in, out]), as LoRA's is
     for module_name, delta in deltas.items():
         diff = after[module_name + ".weight"] - before[module_name + ".weight"]
@@ -363,13 +369,9 @@ def test_qkv_delta_reaches_only_the_selected_heads_attention_outputs(fam):
 @pytest.mark.parametrize("fam", [f for f in FAMILIES if f.name in ("gpt2", "phi3", "gpt_neox")], ids=lambda f: f.name)
 def test_peft_convert_to_lora_reproduces_the_weight_delta(fam):
     """PEFT's own ``convert_to_lora`` (SVD of ``get_delta_weight``) must give a LoRA with the same weight update,
-    Conv1D orientation included. (Bias deltas are not part of a LoRA, so they are zeroed here.)"""
+    Conv1D orientation included (the default bias="none" trains no bias deltas, which a LoRA could not hold)."""
     base = fam.build()
     model = get_peft_model(base, AlpsConfig(target_heads=HEADS, init_weights=False))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".alps_bias." in name:
-                p.zero_()
     expected = logits(model)
     lora_config, lora_state = convert_to_lora(model, rank=1.0)
     lora = get_peft_model(fam.build(), lora_config)
@@ -380,11 +382,12 @@ def test_peft_convert_to_lora_reproduces_the_weight_delta(fam):
 @pytest.mark.parametrize("fam", [f for f in FAMILIES if f.name in ("gpt2", "phi3", "falcon_new_decoder", "bert")],
                          ids=lambda f: f.name)
 def test_export_to_lora_serves_the_same_outputs_with_plain_peft(fam, tmp_path):
-    """Fused, Conv1D-transposed and biased layouts survive the exact LoRA export (loaded without peft_alps code)."""
+    """Fused, Conv1D-transposed and biased layouts survive the exact LoRA export (loaded without peft_alps code);
+    with the default bias="none" a biased base exports no LoRA bias and no warning."""
     model = get_peft_model(fam.build(), AlpsConfig(target_heads=HEADS, init_weights=False))
     expected = logits(model)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the bias-export notice
+        warnings.simplefilter("error")
         peft_alps.export_to_lora(model, tmp_path)
     lora = PeftModel.from_pretrained(fam.build(), tmp_path)
     assert lora.peft_config["default"].peft_type == "LORA"

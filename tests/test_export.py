@@ -104,7 +104,9 @@ def test_factors_are_selection_times_slice(tmp_path):
 
 def test_per_module_ranks_write_patterns(tmp_path):
     model = alps_model("llama")
-    export_to_lora(model, tmp_path, per_module_ranks=True)
+    with pytest.warns(UserWarning, match=r"PEFT and vLLM apply rank_pattern/alpha_pattern per module.*llama\.cpp "
+                                         r"applies the one global lora_alpha=16"):
+        export_to_lora(model, tmp_path, per_module_ranks=True)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     expected = {
         f"model.layers.{layer}.self_attn.{proj}": len(expected_rows("llama", proj, heads))
@@ -131,67 +133,198 @@ def test_padded_rank_gives_same_outputs(tmp_path):
 
 
 FAMILIES = ["llama", "qwen2", "phi3", "gpt2"]
+BIASED = ["qwen2", "gpt2"]  # bases whose attention projections have biases
+PATTERN_WARNING = r"llama\.cpp applies the one global lora_alpha=\d+ to every module"
+BIAS_WARNING = r'bias=\'heads\'.*"vLLM does not support LoRA bias".*"Not a lora_A or lora_B tensor"'
+
+RELOAD_WITHOUT_PEFT_ALPS = textwrap.dedent(
+    """
+    import sys, json, torch
+    from pathlib import Path
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    root = Path(sys.argv[1])
+    x = torch.load(root / "ids.pt", weights_only=True)
+    for family, mode, merge in json.loads(sys.argv[2]):
+        expected = torch.load(root / family / f"expected_{mode}.pt", weights_only=True)
+        base = AutoModelForCausalLM.from_pretrained(root / family / "base").eval()
+        model = PeftModel.from_pretrained(base, root / family / mode).eval()
+        assert model.peft_config["default"].peft_type == "LORA"
+        with torch.no_grad():
+            got = model(x).logits
+        print(f"{family}/{mode}: max abs diff {(got - expected).abs().max().item():.3g}")
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=f"{family}/{mode}")
+        if merge:
+            merged = model.merge_and_unload()
+            with torch.no_grad():
+                torch.testing.assert_close(merged(x).logits, expected, rtol=1e-5, atol=1e-5,
+                                           msg=f"{family}/{mode} merged")
+    assert not any(m == "peft_alps" or m.startswith("peft_alps.") for m in sys.modules), "peft_alps imported"
+    print("OK", len(json.loads(sys.argv[2])))
+    """
+)
 
 
-def test_exported_lora_loads_without_peft_alps_and_reproduces_outputs(tmp_path):
+def test_default_exports_have_no_bias_and_reload_exactly_without_peft_alps(tmp_path):
+    """Every family, Qwen2 and GPT-2 included: the default adapter (bias="none") exports without lora_bias and
+    without any bias tensor, and plain PEFT in a process that never imports peft_alps reproduces the ALPS logits,
+    unmerged and merged. A bias="heads" adapter of the biased families still reloads exactly (unmerged)."""
     cases = []
     x = ids(seed=7)
     torch.save(x, tmp_path / "ids.pt")
     for family in FAMILIES:
         build(family).save_pretrained(tmp_path / family / "base")
         model = alps_model(family)
-        torch.save(logits(model, x), tmp_path / family / "expected.pt")
+        assert not any(".alps_bias." in n for n, _ in model.named_parameters())
         for mode, kw in (("uniform", {}), ("per_module", {"per_module_ranks": True})):
-            with pytest.warns(UserWarning, match="lora_bias=True") if family in ("qwen2", "gpt2") else contextlib.nullcontext():
+            torch.save(logits(model, x), tmp_path / family / f"expected_{mode}.pt")
+            with pytest.warns(UserWarning, match=PATTERN_WARNING) if kw else contextlib.nullcontext():
                 export_to_lora(model, tmp_path / family / mode, **kw)
-            cases.append((family, mode))
-    script = textwrap.dedent(
-        """
-        import sys, json, torch
-        from pathlib import Path
-        from peft import PeftModel
-        from transformers import AutoModelForCausalLM
-        root = Path(sys.argv[1])
-        x = torch.load(root / "ids.pt", weights_only=True)
-        for family, mode in json.loads(sys.argv[2]):
-            expected = torch.load(root / family / "expected.pt", weights_only=True)
-            base = AutoModelForCausalLM.from_pretrained(root / family / "base").eval()
-            model = PeftModel.from_pretrained(base, root / family / mode).eval()
-            assert model.peft_config["default"].peft_type == "LORA"
-            with torch.no_grad():
-                got = model(x).logits
-            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5, msg=f"{family}/{mode}")
-            if family in ("llama", "phi3", "gpt2"):  # merging a lora_bias needs a base bias: not for qwen2's o_proj
-                merged = model.merge_and_unload()
-                with torch.no_grad():
-                    torch.testing.assert_close(merged(x).logits, expected, rtol=1e-5, atol=1e-5,
-                                               msg=f"{family}/{mode} merged")
-        assert not any(m == "peft_alps" or m.startswith("peft_alps.") for m in sys.modules), "peft_alps imported"
-        print("OK", len(json.loads(sys.argv[2])))
-        """
-    )
+            config = json.loads((tmp_path / family / mode / "adapter_config.json").read_text())
+            keys = load_file(tmp_path / family / mode / "adapter_model.safetensors")
+            assert config["lora_bias"] is False and config["bias"] == "none"
+            assert not [k for k in keys if "bias" in k], f"{family}/{mode}"
+            cases.append((family, mode, True))
+        if family in BIASED:
+            heads = alps_model(family, bias="heads")
+            torch.save(logits(heads, x), tmp_path / family / "expected_heads.pt")
+            with pytest.warns(UserWarning, match=BIAS_WARNING):
+                export_to_lora(heads, tmp_path / family / "heads")
+            cases.append((family, "heads", False))  # Qwen2's o_proj has no base bias, so PEFT cannot merge it
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path), json.dumps(cases)],
+        [sys.executable, "-c", RELOAD_WITHOUT_PEFT_ALPS, str(tmp_path), json.dumps(cases)],
         capture_output=True, text=True, cwd=tmp_path, env=env,
     )
-    assert result.returncode == 0 and f"OK {len(cases)}" in result.stdout, result.stderr[-3000:]
+    assert result.returncode == 0 and f"OK {len(cases)}" in result.stdout, result.stdout + result.stderr[-3000:]
+    print(result.stdout)
+
+
+@pytest.mark.parametrize("family", BIASED)
+def test_bias_heads_export_warns_and_writes_biases_only_where_there_are_bias_deltas(family, tmp_path):
+    model = alps_model(family, bias="heads")
+    with pytest.warns(UserWarning, match=BIAS_WARNING) as caught:
+        export_to_lora(model, tmp_path)
+    assert "bias='none'" in str(caught[0].message)  # the way out
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["lora_bias"] is True
+    sd = load_file(tmp_path / "adapter_model.safetensors")
+    with_bias = {n.removeprefix("base_model.model.").removesuffix(".alps_bias.default")
+                 for n, _ in model.named_parameters() if ".alps_bias." in n}
+    written = {k.removeprefix("base_model.model.").removesuffix(".lora_B.bias") for k in sd if k.endswith(".bias")}
+    assert written == with_bias and with_bias  # q/k/v (or c_attn) only: never a zero o_proj/c_proj bias
+    assert not any(m.endswith(("o_proj", "c_proj")) for m in written)
+    for module in written:
+        layer, proj = int(module.split(".")[2]), module.rsplit(".", 1)[1]
+        rows = set(expected_rows(family, proj, HEADS[layer]))
+        assert set(sd[f"base_model.model.{module}.lora_B.bias"].nonzero().flatten().tolist()) <= rows
 
 
 def test_gpt2_export_uses_fan_in_fan_out_and_fused_rows(tmp_path):
     model = alps_model("gpt2")
-    with pytest.warns(UserWarning, match="lora_bias"):
-        export_to_lora(model, tmp_path)
+    export_to_lora(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config["fan_in_fan_out"] is True and config["lora_bias"] is True
+    assert config["fan_in_fan_out"] is True and config["lora_bias"] is False
     sd = load_file(tmp_path / "adapter_model.safetensors")
     a = sd["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"]
     b = sd["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"]
     rows = expected_rows("gpt2", "c_attn", HEADS[0])
     assert a.shape == (len(rows), 32) and b.shape == (96, len(rows))
     assert torch.equal(b.abs().sum(1).nonzero().flatten(), torch.tensor(rows))  # only the fused q/k/v head rows
-    bias = sd["base_model.model.transformer.h.0.attn.c_attn.lora_B.bias"]
-    assert set(bias.nonzero().flatten().tolist()) <= set(rows)
+
+
+# ----------------------------------------------------------------------------- what serving engines check
+
+
+def _pattern_value(pattern, module):
+    """PEFT's rule for rank_pattern/alpha_pattern keys: a key matches a module name it ends with at a "." boundary
+    (the keys written here are full module names); the first match wins."""
+    return next((value for key, value in pattern.items() if module == key or module.endswith("." + key)), None)
+
+
+def serving_problems(adapter_dir, max_lora_rank=512):
+    """What vLLM's PEFTHelper / LoRA loader and llama.cpp's convert_lora_to_gguf.py + runtime would object to,
+    written from what their code does (not from their code): ``{"vllm": [...], "llama.cpp": [...]}``."""
+    config = json.loads((adapter_dir / "adapter_config.json").read_text())
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    vllm, llama = [], []
+    for field in ("r", "lora_alpha", "target_modules"):  # vLLM's required fields
+        if field not in config:
+            vllm.append(f"missing {field}")
+    r, alpha = config["r"], config["lora_alpha"]
+    ranks, alphas = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
+    if not (isinstance(r, int) and r > 0):
+        vllm.append(f"r={r!r} is not a positive integer")
+    if max([r, *ranks.values()]) > max_lora_rank:
+        vllm.append(f"rank {max([r, *ranks.values()])} > max_lora_rank {max_lora_rank}")
+    if config.get("lora_bias"):
+        vllm.append("does not support LoRA bias")
+    if config.get("bias", "none") != "none":
+        vllm.append("adapter bias is not supported")
+    if config.get("use_dora"):
+        vllm.append("DoRA")
+    if set(config.get("modules_to_save") or []) - {"classifier", "score"}:
+        vllm.append(f"modules_to_save={config['modules_to_save']}")
+    if isinstance(config.get("init_lora_weights", True), str) and config["init_lora_weights"].lower() in (
+        "pissa", "olora", "corda", "loftq"
+    ):
+        vllm.append("init_lora_weights changes the base weights")
+
+    pairs = {}
+    for name, tensor in tensors.items():
+        for side in ("lora_A", "lora_B"):
+            if name.startswith("base_model.model.") and name.endswith(f".{side}.weight"):
+                pairs.setdefault(name.removeprefix("base_model.model.").removesuffix(f".{side}.weight"), {})[side] = tensor
+                break
+        else:
+            vllm.append(f"{name} is an unsupported LoRA weight")
+            llama.append(f"{name}: Not a lora_A or lora_B tensor")
+    targets = set(config["target_modules"]) if isinstance(config["target_modules"], list) else None
+    for module, pair in pairs.items():
+        if set(pair) != {"lora_A", "lora_B"}:
+            vllm.append(f"{module} lacks one of lora_A/lora_B")
+            llama.append(f"{module} lacks one of lora_A/lora_B")
+            continue
+        if targets is not None and module not in targets:
+            vllm.append(f"{module} is not in target_modules")
+        rank = pair["lora_A"].shape[0]
+        if pair["lora_B"].shape[1] != rank:
+            vllm.append(f"{module}: lora_A rank {rank} != lora_B rank {pair['lora_B'].shape[1]}")
+            continue
+        peft_rank = _pattern_value(ranks, module) or r
+        peft_alpha = _pattern_value(alphas, module)
+        peft_scale = (alpha if peft_alpha is None else peft_alpha) / peft_rank  # what PEFT and vLLM apply
+        if rank != peft_rank:
+            vllm.append(f"{module}: tensors of rank {rank}, config says {peft_rank}")
+        if alpha / rank != peft_scale:  # llama.cpp: the global lora_alpha over the tensor's own rank
+            llama.append(f"{module}: llama.cpp scales by {alpha}/{rank}, PEFT by {peft_scale}")
+    return {"vllm": vllm, "llama.cpp": llama}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_default_export_passes_what_vllm_and_llama_cpp_check(family, tmp_path):
+    export_to_lora(alps_model(family), tmp_path)
+    assert serving_problems(tmp_path) == {"vllm": [], "llama.cpp": []}
+
+
+def test_serving_check_catches_what_the_engines_refuse(tmp_path):
+    with pytest.warns(UserWarning, match=PATTERN_WARNING):
+        export_to_lora(alps_model("llama"), tmp_path / "pm", per_module_ranks=True)
+    found = serving_problems(tmp_path / "pm")
+    assert found["vllm"] == []  # vLLM applies rank_pattern / alpha_pattern per module
+    assert found["llama.cpp"] and all("llama.cpp scales by 16/8" in p for p in found["llama.cpp"])  # k/v: rank 8
+
+    with pytest.warns(UserWarning, match=BIAS_WARNING):
+        export_to_lora(alps_model("qwen2", bias="heads"), tmp_path / "bias")
+    found = serving_problems(tmp_path / "bias")
+    assert "does not support LoRA bias" in found["vllm"]
+    assert any("lora_B.bias: Not a lora_A or lora_B tensor" in p for p in found["llama.cpp"])
+
+    model = get_peft_model(build("llama"), AlpsConfig(target_heads=HEADS, modules_to_save=["lm_head"]))
+    with pytest.warns(UserWarning, match="modules_to_save"):
+        export_to_lora(model, tmp_path / "mts")
+    found = serving_problems(tmp_path / "mts")
+    assert "modules_to_save=['lm_head']" in found["vllm"] and found["llama.cpp"]
 
 
 # ----------------------------------------------------------------------------- errors
@@ -220,7 +353,8 @@ def test_rank_beyond_vllm_limit_warns_and_caps(tmp_path):
     assert not (tmp_path / "capped").exists()
     with pytest.warns(UserWarning, match=r"rank 640: vLLM serves ranks up to 512"):
         export_to_lora(model, tmp_path / "big")
-    export_to_lora(model, tmp_path / "patterns", per_module_ranks=True)  # no vLLM promise: no warning needed
+    with pytest.warns(UserWarning, match=r"rank 640: vLLM serves ranks up to 512"):  # vLLM checks rank_pattern too
+        export_to_lora(model, tmp_path / "patterns", per_module_ranks=True)
 
 
 def test_export_refuses_other_adapters():
