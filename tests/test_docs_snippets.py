@@ -290,7 +290,7 @@ SHELL_COMMANDS = [(b, argv) for b in BASH_BLOCKS for argv in cli_commands(b)]
 
 
 def test_peft_alps_commands_parse(counts):
-    from peft_alps.cli import build_parser
+    from peft_alps_cli import build_parser
 
     commands = [(b, argv) for b, argv in SHELL_COMMANDS if argv[0] == "peft-alps"]
     assert {argv[1] for _, argv in commands} >= {"demo", "localize", "warmup"}
@@ -316,7 +316,7 @@ def test_benchmark_script_commands_parse(counts):
 
 
 def test_a_bad_shell_command_is_caught():
-    from peft_alps.cli import build_parser
+    from peft_alps_cli import build_parser
 
     with pytest.raises(SystemExit):
         build_parser().parse_args(["localize", "--base", "b", "--task", "t"])  # --output is required
