@@ -401,9 +401,17 @@ def _hub_source(repo_id: str, revision: str | None = None, cache_dir: str | None
 
 
 class ModuleSource(AttentionSource):
-    """Attention weights of a loaded transformers model, read (and dequantized if 4/8-bit) a layer at a time."""
+    """Attention weights of a loaded transformers model, read (and dequantized if 4/8-bit) a layer at a time.
 
-    def __init__(self, model: torch.nn.Module, name: str | None = None):
+    A PEFT model (or a model with adapters injected) is read as its forward pass computes, i.e. with its active
+    adapters' deltas added, one projection at a time and without changing the model; ``frozen=True`` reads it
+    without adapters. See :mod:`peft_alps.adapted_weights`."""
+
+    def __init__(self, model: torch.nn.Module, name: str | None = None, frozen: bool = False):
+        from .adapted_weights import check_localizable
+
+        check_localizable(model)
+        self.frozen = frozen
         config = getattr(model, "config", None)
         if config is None or not hasattr(config, "model_type"):
             raise ValueError(
@@ -430,35 +438,38 @@ class ModuleSource(AttentionSource):
             )
 
     def layer(self, index: int) -> LayerTensors:
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        from .quantization import dequantized_weight, is_quantized_linear
+        from .adapted_weights import projection_weight
 
         out = {}
         for proj in self.projections:
             module_name, module = self._modules[(index, proj)]
-            if isinstance(module, BaseTunerLayer):
-                module = module.get_base_layer()
             with torch.no_grad():
-                # bitsandbytes 4/8-bit etc.: this one layer, dequantized (a CPU 4-bit weight that bitsandbytes
-                # repacked for inference is restored first, inside dequantized_weight)
-                if is_quantized_linear(module):
-                    weight = dequantized_weight(module, dtype=None).to("cpu")
-                else:
-                    weight = module.weight.detach().to("cpu")
+                weight = projection_weight(module, module_name, _stored_weight, frozen=self.frozen).to("cpu")
             out[proj] = _check_finite(weight, f"{module_name}.weight", f"model {self.name!r}")
         return out
+
+
+def _stored_weight(module: torch.nn.Module) -> torch.Tensor:
+    """A plain layer's weight; bitsandbytes 4/8-bit etc.: this one layer, dequantized (a CPU 4-bit weight that
+    bitsandbytes repacked for inference is restored first, inside dequantized_weight)."""
+    from .quantization import dequantized_weight, is_quantized_linear
+
+    if is_quantized_linear(module):
+        return dequantized_weight(module, dtype=None)
+    return module.weight.detach()
 
 
 # ------------------------------------------------------------------------------------------------ dispatch
 
 
-def open_source(model_or_path: Any, *, revision: str | None = None, cache_dir: str | None = None) -> AttentionSource:
-    """An :class:`AttentionSource` for a checkpoint folder, a Hub repo id or an in-memory model."""
+def open_source(model_or_path: Any, *, revision: str | None = None, cache_dir: str | None = None,
+                frozen: bool = False) -> AttentionSource:
+    """An :class:`AttentionSource` for a checkpoint folder, a Hub repo id or an in-memory model (``frozen``: read
+    an in-memory model without its adapters)."""
     if isinstance(model_or_path, AttentionSource):
         return model_or_path
     if isinstance(model_or_path, torch.nn.Module):
-        return ModuleSource(model_or_path)
+        return ModuleSource(model_or_path, frozen=frozen)
     if not isinstance(model_or_path, (str, os.PathLike)):
         raise TypeError(
             f"expected a checkpoint folder, a Hub repo id or a transformers model, got {type(model_or_path).__name__}"

@@ -199,6 +199,38 @@ class AlpsLayer(BaseTunerLayer):
         update = F.linear(x.index_select(-1, index), delta)
         return result + update.to(result.dtype)
 
+    # ------------------------------------------------------------------------------ mixed-adapter batches
+
+    def _check_forward_args(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """With ``adapter_names`` (one adapter name or ``"__base__"`` per row of ``x``), as LoRA checks it."""
+        adapter_names = kwargs.get("adapter_names", None)
+        if adapter_names is None:
+            return
+        if len(x) != len(adapter_names):
+            raise ValueError(
+                "Length of `adapter_names` should be the same as the number of inputs, but got "
+                f"{len(adapter_names)} and {len(x)} respectively."
+            )
+        if self.merged:
+            raise ValueError(
+                "Cannot pass `adapter_names` when there are merged adapters, please call `unmerge_adapter` first."
+            )
+
+    def _mixed_batch_forward(
+        self, x: torch.Tensor, *args: Any, adapter_names: list[str], **kwargs: Any
+    ) -> torch.Tensor:
+        """Row ``i`` of the batch gets the delta of ``adapter_names[i]`` only (none for ``"__base__"`` or an adapter
+        that has no heads in this layer). Each adapter's rows are gathered, given that adapter's head-slice update
+        and scattered back: no full-size delta and no per-row weight is built."""
+        result = self.base_layer(x, *args, **kwargs)
+        for name in dict.fromkeys(adapter_names):  # first-appearance order: deterministic
+            if name == "__base__" or name not in self.alps_delta:
+                continue
+            rows = torch.tensor([i for i, n in enumerate(adapter_names) if n == name], device=result.device)
+            updated = self._add_delta(result.index_select(0, rows), x.index_select(0, rows.to(x.device)), name)
+            result = result.index_copy(0, rows, updated)
+        return result
+
 
 class Linear(nn.Module, AlpsLayer):
     """ALPS around an ``nn.Linear`` (or ``Conv1D`` with ``transposed=True``, or a quantized linear)."""
@@ -220,10 +252,14 @@ class Linear(nn.Module, AlpsLayer):
         self.update_layer(adapter_name, index, init_weights=init_weights, train_bias=train_bias)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        self._check_forward_args(x, *args, **kwargs)
+        adapter_names = kwargs.pop("adapter_names", None)
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)

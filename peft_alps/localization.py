@@ -24,6 +24,7 @@ import contextlib
 import functools
 import math
 import threading
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
@@ -31,6 +32,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from .adapted_weights import reads_frozen_base
 from .checkpoints import AttentionSource, open_source
 from .layouts import HeadDims, head_parts
 from .scores import HeadScores
@@ -391,6 +393,15 @@ def check_same_geometry(base: AttentionSource, task: AttentionSource) -> None:
         )
 
 
+def warn_all_zero(base: str, task: str) -> None:
+    warnings.warn(
+        f"every head scored exactly 0: base {base!r} and task {task!r} have identical q/k/v weights, so top_k would "
+        "pick heads by index order, not by the task. Pass the fine-tuned task model (a PEFT task model is read with "
+        "its active adapters; check that they are active and trained).",
+        stacklevel=3,
+    )
+
+
 def localize_heads(
     base: Any,
     task: Any,
@@ -408,7 +419,10 @@ def localize_heads(
         base, task: each a checkpoint folder (``config.json`` + safetensors; the task may hold only the attention
             tensors), a Hugging Face Hub repo id (only the config and the shards with attention tensors are
             fetched; works offline from the cache) or an in-memory transformers model. Both must have the same
-            attention geometry.
+            attention geometry. An in-memory PEFT model (e.g. an unmerged LoRA or ALPS task model) is read with its
+            active adapters' deltas added, one projection at a time, as ``merge_and_unload()`` would leave it (the
+            model is not changed); if ``task = get_peft_model(base, ...)`` wrapped ``base`` in place, ``base`` is read
+            without adapters. Adapters that are no additive delta (DoRA, IA3, ...) are refused.
         metric: ``"wasserstein"`` (PAD, default), ``"kl"`` (KL(P_B || P_T)), ``"js"``, ``"cosine"`` (1 - cosine
             similarity of the distributions) or ``"euclidean"``.
         variant: ``"qkv_product"`` (the paper's ``Wq_h^T Wk Wv^T``, default) or ``"qkv_concat"`` (flattened
@@ -423,7 +437,9 @@ def localize_heads(
     """
     _check_args(metric, variant, tau)
     tau = float(tau)
-    with open_source(base, revision=revision) as base_src, open_source(task, revision=task_revision) as task_src:
+    frozen_base = reads_frozen_base(base, task)  # task = get_peft_model(base, ...) wraps base's own modules
+    with open_source(base, revision=revision, frozen=frozen_base) as base_src, \
+            open_source(task, revision=task_revision) as task_src:
         check_same_geometry(base_src, task_src)
         dims = base_src.dims
         layers = range(dims.num_layers)
@@ -455,6 +471,8 @@ def localize_heads(
             results = parallel_map(score, units)
             for layer in layers:
                 scores[layer] = np.concatenate([next(results) for _ in range(dims.num_kv_heads)])
+        if not scores.any():
+            warn_all_zero(base_src.name, task_src.name)
         return HeadScores(
             scores=scores,
             metric=metric,

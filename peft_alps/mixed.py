@@ -40,8 +40,9 @@ from torch import nn
 
 from .config import AlpsConfig
 from .layer import AlpsLayer
-from .model import AlpsBiasMixin, AlpsModel
+from .model import AlpsBiasMixin, AlpsModel, check_loaded_deltas
 from .registration import PREFIX, ensure_peft_type
+from .training import install_partial_backprop, uninstall_partial_backprop
 
 #: PEFT releases whose mixed-model internals this module has been checked against (also pinned in pyproject.toml).
 SUPPORTED_PEFT = SpecifierSet(">=0.21,<0.22")
@@ -169,6 +170,21 @@ class AlpsMixedModel(AlpsBiasMixin, _Base):
     (head-layout defaults, validation before any module is replaced, head-aware matching, head-sliced layers);
     every other adapter type takes PEFT's own path unchanged."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # As in AlpsModel: a checkpoint's ALPS deltas must fit the adapter they are loaded into.
+        self.register_load_state_dict_pre_hook(check_loaded_deltas)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        if _is_alps(self.peft_config.get(adapter_name)):
+            install_partial_backprop(self.model)  # as in AlpsModel: no backward below the lowest trained layer
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        if not any(_is_alps(config) for config in self.peft_config.values()):
+            uninstall_partial_backprop(self.model)
+
     def _prepare_adapter_config(self, peft_config, model_config):
         if _is_alps(peft_config):
             return AlpsModel._prepare_adapter_config(self, peft_config, model_config)
@@ -194,9 +210,11 @@ class AlpsMixedModel(AlpsBiasMixin, _Base):
     def _unload_and_optionally_merge(self, merge=True, progressbar=False, safe_merge=False, adapter_names=None):
         if merge and safe_merge and hasattr(self, "_check_safe_merge"):
             self._check_safe_merge(adapter_names)  # ALPS layers: check all before merging any
-        return super()._unload_and_optionally_merge(
+        model = super()._unload_and_optionally_merge(
             merge=merge, progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
         )
+        uninstall_partial_backprop(model)  # the plain model gets transformers' own input-grad behaviour back
+        return model
 
 
 # AlpsModel's own helpers (``_layout``, ...) that its methods above call on ``self``: borrowed as they are.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ from peft.utils import get_quantization_kwargs
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .batches import adapter_names_hooks
 from .config import AlpsConfig
 from .layer import AlpsLayer, dispatch_linear
 from .layouts import HeadDims, HeadLayout, head_axis_size, head_slice, layout_for_config
@@ -25,6 +27,7 @@ from .quantization import keep_cpu_4bit_trainable
 from .registration import PREFIX
 from .safe_loading import check_adapter_file, expected_tensors, resolve_weights_file
 from .training import install_partial_backprop, uninstall_partial_backprop
+from .weighted import add_weighted_adapter
 
 
 def _model_config(model: nn.Module) -> Any:
@@ -351,6 +354,30 @@ class AlpsModel(AlpsBiasMixin, BaseTuner):
         new_active = remaining_active or sorted(self.peft_config)[:1]
         if new_active:
             self.set_adapter(new_active)
+
+    # ------------------------------------------------------------------------------------ mixed batches
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
+        """``model(x, adapter_names=[...])`` / ``generate(..., adapter_names=[...])``: one adapter (or
+        ``"__base__"``) per row of the batch, as with LoRA; see :mod:`peft_alps.batches`."""
+        with adapter_names_hooks(self, **kwargs):
+            yield
+
+    # ------------------------------------------------------------------------------------ combining
+
+    def add_weighted_adapter(
+        self, adapters: list[str], weights: list[float], adapter_name: str, combination_type: str = "linear"
+    ) -> None:
+        """Add ``adapter_name``, an ALPS adapter equal to ``sum_i weights[i] * delta(adapters[i])``, exactly.
+
+        It trains the union of the adapters' ``target_heads`` on the union of their ``target_modules``, so merging
+        it gives ``W + sum_i w_i * dW_i``. Weights may be negative. As with LoRA, the new adapter is not made active
+        (``set_adapter(adapter_name)``), and an existing ``adapter_name`` is left as it is. ``combination_type``
+        exists for LoRA's signature: only ``"linear"`` is accepted, since head-slice deltas need no approximation.
+        See :mod:`peft_alps.weighted`.
+        """
+        add_weighted_adapter(self, adapters, weights, adapter_name, combination_type=combination_type)
 
     # ------------------------------------------------------------------------------------ merging
 

@@ -295,3 +295,115 @@ def test_alps_of_a_mixed_model_exports_to_lora(joint, tmp_path):
     served.load_adapter(dirs["lora"], adapter_name="lora")
     served.base_model.set_adapter(["lora", "alps"])
     torch.testing.assert_close(logits(served), expected, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- AlpsModel's safeguards, mixed too
+
+
+def saved_alps(path, heads, mutate=None):
+    """An ALPS adapter saved from a plain PeftModel (what load_adapter reads), optionally damaged by ``mutate``."""
+    model = get_peft_model(tiny_llama(), AlpsConfig(target_heads=heads, init_weights=False))
+    model.save_pretrained(path)
+    if mutate is not None:
+        mutate(Path(path))
+    return path
+
+
+def nan_weights(folder):
+    from safetensors.torch import save_file
+
+    state = load_file(folder / "adapter_model.safetensors")
+    next(iter(state.values()))[0, 0] = float("nan")
+    save_file(state, folder / "adapter_model.safetensors")
+
+
+def pickle_only(folder):
+    (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
+
+
+@pytest.mark.parametrize(
+    "mutate,error,message",
+    [
+        (nan_weights, ValueError, r"NaN/inf values; the adapter is broken"),
+        (pickle_only, OSError, r"loaded only from safetensors"),
+    ],
+    ids=["nan", "pickle-only"],
+)
+def test_mixed_load_adapter_checks_the_alps_file_before_injecting(tmp_path, mutate, error, message):
+    alps_dir = saved_alps(tmp_path / "alps", ALPS_HEADS, mutate)
+    model = get_peft_model(tiny_llama(), lora_config(), adapter_name="lora", mixed=True)
+    with pytest.raises(error, match=message):
+        model.load_adapter(alps_dir, adapter_name="alps")
+    assert "alps" not in model.peft_config
+    assert not any(isinstance(m, peft_alps.AlpsLayer) for m in model.modules())
+
+
+def test_mixed_model_refuses_alps_deltas_of_another_head_selection(tmp_path):
+    """What resuming a training run does: load saved weights into the adapter the model has. Deltas saved for other
+    heads (same shapes, other layers) would otherwise load partially, in silence."""
+    from peft import set_peft_model_state_dict
+
+    other = saved_alps(tmp_path / "other", {1: [0], 2: [5]})  # ALPS_HEADS is {0: [1, 6], 2: [3]}
+    model = get_peft_model(tiny_llama(), lora_config(), adapter_name="lora", mixed=True)
+    model.add_adapter("alps", AlpsConfig(target_heads=ALPS_HEADS))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"(?s)do not fit the adapter 'alps'.*layers\.1\.self_attn\.q_proj \(delta\): "
+                                         r"saved, but this adapter trains no head there"):
+        set_peft_model_state_dict(model, load_file(other / "adapter_model.safetensors"), adapter_name="alps")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # the same selection loads
+    same = saved_alps(tmp_path / "same", ALPS_HEADS)
+    set_peft_model_state_dict(model, load_file(same / "adapter_model.safetensors"), adapter_name="alps")
+
+
+LOWEST, LAYERS = 2, 4
+
+
+def layer_gradients(model):
+    """Indices of the decoder layers whose output receives a gradient in one training step's backward pass."""
+    fired, handles = set(), []
+    for i, layer in enumerate(model.base_model.model.model.layers):
+
+        def on_output(module, args, output, i=i):
+            output = output[0] if isinstance(output, tuple) else output
+            if output.requires_grad:
+                output.register_hook(lambda grad, i=i: fired.add(i))
+
+        handles.append(layer.register_forward_hook(on_output))
+    model.train()
+    x = batch()
+    model(input_ids=x, labels=x).loss.backward()
+    for handle in handles:
+        handle.remove()
+    return fired
+
+
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+@pytest.mark.parametrize("lora_layer", [3, 1], ids=["lora-above", "lora-below"])
+def test_mixed_model_backward_stops_at_the_lowest_trained_layer(reentrant, lora_layer):
+    """As in AlpsModel (see training.py): with gradient checkpointing and Trainer's enable_input_require_grads, no
+    backward runs below the lowest layer that trains something, here ALPS's or LoRA's."""
+    model = get_peft_model(tiny_llama(layers=LAYERS), lora_config(layers_to_transform=[lora_layer], init_lora_weights=False),
+                           adapter_name="lora", mixed=True)
+    model.add_adapter("alps", AlpsConfig(target_heads={LOWEST: [1], 3: [0]}))
+    model.set_adapter(["lora", "alps"])
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.enable_input_require_grads()  # what Trainer / SFTTrainer call with gradient checkpointing
+    lowest = min(LOWEST, lora_layer)
+    assert layer_gradients(model) == set(range(lowest, LAYERS))
+    trained = [p for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
+
+
+def test_mixed_model_unloaded_gets_transformers_behaviour_back():
+    model = get_peft_model(tiny_llama(layers=LAYERS), AlpsConfig(target_heads={LOWEST: [1]}), adapter_name="alps",
+                           mixed=True)
+    assert "enable_input_require_grads" in vars(model.base_model.model)
+    merged = model.merge_and_unload()
+    assert "enable_input_require_grads" not in vars(merged)
+    lora_only = get_peft_model(tiny_llama(), lora_config(), adapter_name="lora", mixed=True)
+    assert "enable_input_require_grads" not in vars(lora_only.base_model.model)  # no ALPS: left to transformers
+    lora_only.add_adapter("alps", AlpsConfig(target_heads=ALPS_HEADS))
+    assert "enable_input_require_grads" in vars(lora_only.base_model.model)
+    lora_only.delete_adapter("alps")
+    assert "enable_input_require_grads" not in vars(lora_only.base_model.model)
