@@ -371,6 +371,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, help="where checkpoints are written (default: a temp dir, removed)")
     p.add_argument("--out", type=Path, default=C.RESULTS)
     p.add_argument("--stem")
+    p.add_argument("--remote", action="store_true", help="measure the remote row instead (Hub repos over a throttled "
+                   "link, ranged reads vs whole shards; benchmarks/localize_remote.py, which has more options)")
     # worker mode (internal)
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--base", help=argparse.SUPPRESS)
@@ -398,6 +400,11 @@ def main(argv=None) -> dict[str, Any]:
     if args.worker:
         worker(args)
         return {}
+    if args.remote:
+        from benchmarks import localize_remote
+
+        return localize_remote.main(["--reps", str(1 if args.quick else 2), "--out", str(args.out)]
+                                    + (["--workdir", str(args.workdir)] if args.workdir else []))
     C.quiet_transformers()
     env = C.environment()
     shapes = [parse_shape(s) for s in args.shapes] if args.shapes else (QUICK_SHAPES if args.quick else FULL_SHAPES)

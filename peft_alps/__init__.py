@@ -16,7 +16,7 @@ from .localization import localize_heads  # noqa: E402
 from .scores import HeadScores, select_layer_consistent, select_random  # noqa: E402
 from .layouts import HeadDims, HeadLayout, Projection, get_layout, register_layout, supported_model_types  # noqa: E402
 from .model import AlpsModel  # noqa: E402
-from .model_card import install as install_model_card_hooks  # noqa: E402
+from .model_card import install as install_model_card_hooks  # noqa: E402 - one warning, never an error, if PEFT changed
 from .registration import register_alps  # noqa: E402
 from .warmup import WarmupCheckpoint, warmup  # noqa: E402
 
@@ -26,7 +26,7 @@ install_model_card_hooks()
 from . import mixed as _mixed  # noqa: E402
 from .mixed import save_mixed_adapters  # noqa: E402
 
-_mixed.install()  # ALPS in PeftMixedModel (with LoRA & co.); raises if PEFT's mixed internals changed
+_mixed.install()  # ALPS in PeftMixedModel (with LoRA & co.); switched off, with one warning, if PEFT changed them
 
 __version__ = "0.1.0"
 

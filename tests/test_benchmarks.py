@@ -83,6 +83,21 @@ def test_localize_bench_tiny(tmp_path):
     assert "speedup_vs_baseline" in point["methods"]["ours:qkv_concat"]
 
 
+@pytest.mark.slow  # three worker processes
+def test_localize_remote_row_tiny(tmp_path):
+    from benchmarks import localize_remote
+
+    localize_remote.main(["--shape", "2x4x64:2", "--ffn", "1024", "--vocab", "2048", "--bandwidth", "0",
+                          "--out", str(tmp_path), "--stem", "lr", "--workdir", str(tmp_path / "work")])
+    point = _load(tmp_path / "lr.json")["point"]
+    ranged, again, whole = (point["methods"][k] for k in ("ranged", "ranged, second run", "whole shards"))
+    assert all(m["same_scores_as_folders"] for m in (ranged, again, whole))
+    assert point["qkv_bytes"] < ranged["bytes"] < 1.25 * point["qkv_bytes"] + 20_000  # + config, index, headers
+    assert whole["bytes"] >= point["checkpoint_bytes"]
+    assert again["bytes"] < 5_000  # the revision resolution only
+    assert "| ranged, second run |" in (tmp_path / "lr.md").read_text()
+
+
 def test_localize_bench_baseline_matches_scipy_definition(tmp_path):
     """The baseline's per-head score is W1 of the two softmaxed q/k/v vectors on the unit support."""
     import numpy as np

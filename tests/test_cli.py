@@ -179,7 +179,7 @@ def test_help_lists_the_choices(capsys):
 
 
 def test_parser_constants_equal_their_sources():
-    from dataclasses import asdict
+    from dataclasses import fields
 
     import importlib
 
@@ -192,8 +192,7 @@ def test_parser_constants_equal_their_sources():
     assert cli.METRICS == localization.METRICS and cli.VARIANTS == localization.VARIANTS
     assert cli.OPTIMIZERS == warmup.OPTIMIZERS and options.ATTENTION_ROLES == warmup.ATTENTION_ROLES
     assert cli.DEMO_TASKS == synthetic.SKILLS
-    defaults = asdict(DemoSettings())
-    assert cli.DEMO_DEFAULTS == {k: defaults[k] for k in cli.DEMO_DEFAULTS}
+    assert {f.name for f in fields(DemoSettings)} >= set(cli.TOY_ONLY)
 
 
 def test_help_imports_nothing_heavy():

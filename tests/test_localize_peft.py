@@ -95,7 +95,8 @@ def test_disabled_or_inactive_adapters_score_what_the_model_computes():
 
 def test_gpt2_conv1d_with_fan_in_fan_out_lora():
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=61, n_embd=32, n_layer=3, n_head=4, n_positions=64)
+    config = transformers.GPT2Config(vocab_size=61, n_embd=32, n_layer=3, n_head=4, n_positions=64,
+                                     bos_token_id=0, eos_token_id=0)
     build = lambda: transformers.GPT2LMHeadModel(config).eval()  # noqa: E731
     torch.manual_seed(0)
     base = build()

@@ -94,7 +94,8 @@ def test_combination_runs_as_its_merged_weights_and_survives_save_and_load(tmp_p
 def test_fused_transposed_family_with_biases():
     """GPT-2: Conv1D storage, fused c_attn (q, k and v rows of a head in one weight), biases on the row slices."""
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=61, n_embd=32, n_layer=3, n_head=4, n_positions=64)
+    config = transformers.GPT2Config(vocab_size=61, n_embd=32, n_layer=3, n_head=4, n_positions=64,
+                                     bos_token_id=0, eos_token_id=0)
     base = transformers.GPT2LMHeadModel(config).eval()
     model = get_peft_model(base, AlpsConfig(target_heads={0: [1], 2: [0, 3]}), adapter_name="math")
     model.add_adapter("code", AlpsConfig(target_heads={1: [2], 2: [3]}, bias="heads"))
