@@ -373,7 +373,8 @@ def _hub_source(repo_id: str, revision: str | None = None, cache_dir: str | None
         return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
                                     local_files_only=local_files_only))
 
-    config = _load_config(_fetch_hub_config(repo_id, revision, cache_dir, local_files_only).parent, repo_id)
+    config_path = _fetch_hub_config(repo_id, revision, cache_dir, local_files_only)
+    config = _load_config(config_path.parent, repo_id)
     name = repo_id if revision is None else f"{repo_id}@{revision}"
     try:
         weight_map = _read_index(fetch(INDEX_FILE), name)
