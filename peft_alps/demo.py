@@ -100,14 +100,21 @@ def build_model(settings: DemoSettings) -> torch.nn.Module:
 
 def train(model: torch.nn.Module, examples, steps: int, lr: float, batch_size: int, *, seed: int = 0,
           loss_on: str = "answer", desc: str = "training", progress: bool = True) -> float:
-    """AdamW with warmup + cosine decay on shuffled batches of ``examples``; returns the final batch loss."""
+    """:func:`fit` on shuffled batches of synthetic ``examples``; returns the final batch loss."""
+    batches = synthetic.batches(examples, batch_size, seed=seed, loss_on=loss_on)
+    return fit(model, batches, steps, lr, desc=desc, progress=progress)
+
+
+def fit(model: torch.nn.Module, batches, steps: int, lr: float, *, desc: str = "training",
+        progress: bool = True) -> float:
+    """AdamW with warmup + cosine decay for ``steps`` batches from the iterator ``batches``; returns the final
+    batch loss."""
     from tqdm.auto import tqdm
     from transformers import get_cosine_schedule_with_warmup
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 10), max(1, steps))
-    batches = synthetic.batches(examples, batch_size, seed=seed, loss_on=loss_on)
     model.train()
     loss = float("nan")
     bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)

@@ -31,6 +31,13 @@ from .quantization import is_quantized_linear, restore_4bit_layout
 Axis = Literal["out", "in"]
 
 
+def broken_adapter_error(adapter_name: str, detail: str) -> ValueError:
+    """The ``safe_merge`` error: PEFT's own message text (which callers match on), then what ALPS found."""
+    return ValueError(
+        f"NaNs detected in the merged weights. The adapter {adapter_name} seems to be broken: {detail}"
+    )
+
+
 class AlpsLayer(BaseTunerLayer):
     adapter_layer_names = ("alps_delta", "alps_bias")
     other_param_names = ("alps_index",)
@@ -87,12 +94,12 @@ class AlpsLayer(BaseTunerLayer):
 
     @torch.no_grad()
     def _random_init(self, adapter_name: str) -> None:
-        # Small non-zero deltas, used by tests to exercise merge/unmerge without training.
-        generator = torch.Generator().manual_seed(0)
+        # Small non-zero deltas, used by tests to exercise merge/unmerge without training. Drawn from the global RNG,
+        # as LoRA's init_lora_weights=False: two adapters differ, and torch.manual_seed makes them reproducible.
         for params in (self.alps_delta, self.alps_bias):
             if adapter_name in params:
                 p = params[adapter_name]
-                p.copy_(torch.randn(p.shape, generator=generator) * 0.02)
+                p.copy_(torch.randn(p.shape) * 0.02)
 
     # ----------------------------------------------------------------------------------- merge / unmerge
 
@@ -130,7 +137,7 @@ class AlpsLayer(BaseTunerLayer):
             delta = delta.T
         weight.index_add_(self._stored_index(self.axis), index.to(weight.device), delta, alpha=sign)
         if safe_merge and not torch.isfinite(weight).all():
-            raise ValueError(f"NaNs or infs in the merged weights: the adapter {adapter_name!r} seems to be broken")
+            raise broken_adapter_error(adapter_name, "NaNs or infs in its merged head slices")
         self.set_base_weight(weight)
         if adapter_name in self.alps_bias:
             bias = self.get_base_layer().bias

@@ -9,17 +9,19 @@ running.
 
 :func:`install` (run by ``import peft_alps``) therefore
 
-1. checks every PEFT internal it relies on: the installed PEFT version is in :data:`SUPPORTED_PEFT`, each gate
-   exists with the expected type, and each PEFT function that reads a gate still reads it (checked on the
-   function's bytecode names);
+1. checks every PEFT internal it relies on: each gate exists with the expected type, and each PEFT function that
+   reads a gate still reads it (checked on the function's bytecode names);
 2. adds ALPS to the gates (extending the tuples/list/union, never replacing PEFT's entries);
 3. makes ``PeftMixedModel`` build :class:`AlpsMixedModel`, PEFT's ``MixedModel`` plus an ALPS branch in each
    per-config step (config defaults, validation, target matching, layer creation). Everything else (LoRA &
    co., forward, set_adapter, merge, delete) is PEFT's code.
 
-If any check fails, ``import peft_alps`` raises :class:`MixedSupportError` naming the PEFT version and what
-changed, instead of letting mixed models misbehave. ``PEFT_ALPS_SKIP_MIXED=1`` skips this integration (then PEFT
-itself refuses ALPS in mixed models, loudly).
+The checks, not a version range, decide: a newer PEFT whose internals still look the same gets mixed support.
+If a check fails, the integration switches off with one :class:`~peft_alps.compat.IntegrationUnavailableWarning`
+naming the PEFT version and what changed; ``import peft_alps`` and every non-mixed feature keep working, and only
+an ALPS adapter given to ``PeftMixedModel`` (``get_peft_model(..., mixed=True)``, ``add_adapter``,
+``load_adapter``, ``from_pretrained``) raises :class:`MixedSupportError` with that reason.
+``PEFT_ALPS_SKIP_MIXED=1`` switches the integration off on purpose (no warning; the same error when used).
 
 ``PeftMixedModel.save_pretrained`` is not implemented by PEFT; :func:`save_mixed_adapters` saves each adapter of
 a mixed model as an ordinary PEFT adapter directory instead.
@@ -28,25 +30,26 @@ a mixed model as an ordinary PEFT adapter directory instead.
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import os
 import types
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from packaging.specifiers import SpecifierSet
-from packaging.version import Version
 from torch import nn
 
+from . import compat
 from .config import AlpsConfig
 from .layer import AlpsLayer
 from .model import AlpsBiasMixin, AlpsModel, check_loaded_deltas
 from .registration import PREFIX, ensure_peft_type
 from .training import install_partial_backprop, uninstall_partial_backprop
 
-#: PEFT releases whose mixed-model internals this module has been checked against (also pinned in pyproject.toml).
-SUPPORTED_PEFT = SpecifierSet(">=0.21,<0.22")
 SKIP_ENV = "PEFT_ALPS_SKIP_MIXED"
+TESTED_PEFT = "0.21"  #: the PEFT minor release whose mixed-model internals these checks were written against
+FEATURE = "ALPS in PeftMixedModel"
 
 
 class MixedSupportError(RuntimeError):
@@ -58,7 +61,7 @@ class MixedSupportError(RuntimeError):
 
 def _code_names(func: Any) -> set[str]:
     """Global/attribute names a function's bytecode refers to, nested code objects (comprehensions) included."""
-    func = getattr(func, "__func__", func)
+    func = inspect.unwrap(getattr(func, "__func__", func))  # through our own refusal wrappers (functools.wraps)
     code = getattr(func, "__code__", None)
     names: set[str] = set()
     stack = [code] if code is not None else []
@@ -86,22 +89,20 @@ _GATE_READERS = (
 )
 
 
-def check_internals(peft_version: Optional[str] = None) -> list[str]:
+def check_internals() -> list[str]:
     """Everything that differs from the PEFT internals :func:`install` relies on (empty list: all as expected)."""
     if not _BASE_FOUND:
         return [f"peft's mixed-model module cannot be used ({_BASE_ERROR})"]
-    import peft
-    import peft.mixed_model as mixed_model
-    import peft.tuners.mixed as mixed_pkg
-    import peft.tuners.mixed.model as mm
-    from peft.mapping import PEFT_TYPE_TO_MIXED_MODEL_MAPPING
-    from peft.tuners.tuners_utils import BaseTuner
+    try:
+        import peft.mixed_model as mixed_model
+        import peft.tuners.mixed as mixed_pkg
+        import peft.tuners.mixed.model as mm
+        from peft.mapping import PEFT_TYPE_TO_MIXED_MODEL_MAPPING
+        from peft.tuners.tuners_utils import BaseTuner
+    except ImportError as exc:
+        return [f"a PEFT mixed-model module or name is gone ({exc})"]
 
     problems = []
-    version = peft_version or peft.__version__
-    if Version(version) not in SUPPORTED_PEFT:
-        problems.append(f"peft {version} is outside the tested range peft{SUPPORTED_PEFT}")
-
     gates = {
         "COMPATIBLE_TUNER_TYPES": tuple,
         "PREFIXES": list,
@@ -147,7 +148,7 @@ def check_internals(peft_version: Optional[str] = None) -> list[str]:
 # --------------------------------------------------------------------------------------------- the tuner
 
 def _original_mixed_model() -> tuple[type, str]:
-    """PEFT's MixedModel, or a placeholder and the reason (then :func:`install` refuses, loudly)."""
+    """PEFT's MixedModel, or a placeholder and the reason (then :func:`install` switches the integration off)."""
     try:
         import peft.tuners.mixed.model as mm
 
@@ -238,21 +239,26 @@ def _without_alps(items: Iterable[Any], cls_name: str) -> tuple:
 
 
 def install() -> None:
-    """Let ``PeftMixedModel`` hold ALPS adapters. Idempotent; raises :class:`MixedSupportError` if PEFT changed."""
+    """Let ``PeftMixedModel`` hold ALPS adapters. Idempotent. If PEFT's internals changed (or ``PEFT_ALPS_SKIP_MIXED``
+    is set) nothing is patched: the integration is switched off and ALPS adapters are refused when mixed."""
     if os.environ.get(SKIP_ENV, "") not in ("", "0"):
+        compat.switch_off(FEATURE, f"{SKIP_ENV}={os.environ[SKIP_ENV]} is set", "", warn=False)
+        _refuse_alps_in_mixed_models()
         return
-    import peft
+    problems = check_internals()
+    if problems:
+        compat.switch_off(
+            FEATURE,
+            "its internals changed: " + "; ".join(problems),
+            "Everything else in peft_alps works; only an ALPS adapter in a PeftMixedModel (get_peft_model(..., "
+            "mixed=True), add_adapter, load_adapter) raises. Please report this with your PEFT version.",
+        )
+        _refuse_alps_in_mixed_models()
+        return
     import peft.mixed_model as mixed_model
     import peft.tuners.mixed as mixed_pkg
     import peft.tuners.mixed.model as mm
 
-    problems = check_internals()
-    if problems:
-        raise MixedSupportError(
-            f"peft_alps cannot add ALPS to PeftMixedModel on peft {peft.__version__}: " + "; ".join(problems) + ". "
-            f"Install a supported PEFT (pip install 'peft{SUPPORTED_PEFT}'), or set {SKIP_ENV}=1 to use peft_alps "
-            "without mixed-adapter support."
-        )
     peft_type = ensure_peft_type()
     if peft_type not in mm.COMPATIBLE_TUNER_TYPES:
         mm.COMPATIBLE_TUNER_TYPES = (*mm.COMPATIBLE_TUNER_TYPES, peft_type)
@@ -263,12 +269,47 @@ def install() -> None:
     mm.Configs = Union[(*configs, AlpsConfig)]
     mm.Layers = (*_without_alps(mm.Layers, "AlpsLayer"), AlpsLayer)
     mixed_model.MixedModel = AlpsMixedModel
+    compat.switch_on(FEATURE)
+
+
+_REFUSING = "__peft_alps_refuses_alps__"
+
+
+def _refuse_alps_in_mixed_models() -> None:
+    """Make ``PeftMixedModel``'s entry points raise :class:`MixedSupportError` (with the reason) for ALPS configs,
+    instead of PEFT's bare "not compatible" or, worse, a half-working model. Other adapter types are untouched."""
+    try:
+        from peft.mixed_model import PeftMixedModel
+    except ImportError:
+        return  # no mixed models at all: nothing an ALPS adapter could be given to
+    for name in ("__init__", "add_adapter"):
+        original = getattr(PeftMixedModel, name, None)
+        if callable(original) and not getattr(original, _REFUSING, False):
+            setattr(PeftMixedModel, name, _refusing(original))
+
+
+def _refusing(method: Any) -> Any:
+    @functools.wraps(method)
+    def wrapper(self, *args: Any, **kwargs: Any):
+        reason = compat.switched_off(FEATURE)
+        if reason is not None and any(isinstance(a, AlpsConfig) for a in (*args, *kwargs.values())):
+            raise MixedSupportError(
+                f"ALPS adapters cannot be used in a PeftMixedModel on {compat.versions()}: {reason}. Use a plain "
+                "PeftModel (get_peft_model without mixed=True; it holds several ALPS adapters), or the PEFT release "
+                f"this peft_alps was tested with in mixed models (pip install 'peft=={TESTED_PEFT}.*')."
+            )
+        return method(self, *args, **kwargs)
+
+    setattr(wrapper, _REFUSING, True)
+    return wrapper
 
 
 def is_installed() -> bool:
-    import peft.mixed_model as mixed_model
-
-    return mixed_model.MixedModel is AlpsMixedModel
+    try:
+        import peft.mixed_model as mixed_model
+    except ImportError:
+        return False
+    return getattr(mixed_model, "MixedModel", None) is AlpsMixedModel
 
 
 # --------------------------------------------------------------------------------------------- saving

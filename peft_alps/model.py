@@ -21,7 +21,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .batches import adapter_names_hooks
 from .config import AlpsConfig
-from .layer import AlpsLayer, dispatch_linear
+from .layer import AlpsLayer, broken_adapter_error, dispatch_linear
 from .layouts import HeadDims, HeadLayout, head_axis_size, head_slice, layout_for_config
 from .quantization import keep_cpu_4bit_trainable
 from .registration import PREFIX
@@ -389,9 +389,10 @@ class AlpsModel(AlpsBiasMixin, BaseTuner):
             if isinstance(module, AlpsLayer):
                 for name in names:
                     if name not in module.merged_adapters and not module.merged_slice_is_finite(name):
-                        raise ValueError(
-                            f"NaNs or infs in the merged weights of {key!r}: the adapter {name!r} seems to be broken "
-                            "(diverged training or a damaged file). Nothing was merged."
+                        raise broken_adapter_error(
+                            name,
+                            f"NaNs or infs in the merged weights of {key!r} (diverged training or a damaged file). "
+                            "Nothing was merged.",
                         )
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:

@@ -12,9 +12,10 @@ Two places write an adapter's README.md, and neither knows about ALPS:
 the original first and then, only for models that hold an ALPS adapter, rewrite README.md with
 :func:`update_model_card`: ``library_name: peft``, the ``alps`` tag (existing tags, e.g. from
 ``push_to_hub(tags=...)`` or a card already on the Hub, are kept), the base model, and a section that lists
-the selected heads. Other PEFT methods are left exactly as PEFT writes them. :func:`install` checks that the
-methods it wraps are still there with the arguments and the call chain it expects, and raises at import time
-if a PEFT or transformers release changed them, instead of silently uploading the wrong card.
+the selected heads. Other PEFT methods are left exactly as PEFT writes them. :func:`install` first checks that the
+methods it wraps are still there with the arguments and the call chain it expects. If a PEFT or transformers release
+changed them, that hook is not installed and one :class:`~peft_alps.compat.IntegrationUnavailableWarning` says so:
+``import peft_alps``, saving and pushing keep working, with the card PEFT / transformers write themselves.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import os
 from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
+
+from . import compat
 
 TAG = "alps"
 START = "<!-- peft-alps:heads:start -->"
@@ -127,61 +130,78 @@ def update_model_card(peft_model: Any, readme_path: str) -> bool:
 # ----------------------------------------------------------------------------------------- PEFT hooks
 
 
-def _check_hookable(peft_model_cls: type) -> None:
-    """Refuse to patch if PEFT/transformers no longer look the way these hooks assume."""
-    problems = []
+SAVE_FEATURE = "the ALPS model card on save_pretrained"
+PUSH_FEATURE = "the ALPS model card on push_to_hub"
+
+
+def hook_problems(peft_model_cls: type) -> dict[str, list[str]]:
+    """What no longer looks the way the hooks assume, per hook (``SAVE_FEATURE`` / ``PUSH_FEATURE``)."""
+    save, push = [], []
     create = getattr(peft_model_cls, "create_or_update_model_card", None)
-    if create is None or list(inspect.signature(create).parameters)[:2] != ["self", "output_dir"]:
-        problems.append("PeftModel.create_or_update_model_card(self, output_dir) is missing or changed")
+    if not _takes(create, ["self", "output_dir"]):
+        save.append("PeftModel.create_or_update_model_card(self, output_dir) is missing or changed")
     upload = getattr(peft_model_cls, "_upload_modified_files", None)
-    if upload is None or list(inspect.signature(upload).parameters)[:2] != ["self", "working_dir"]:
-        problems.append("PeftModel._upload_modified_files(self, working_dir, ...) is missing or changed")
-    push = getattr(peft_model_cls, "push_to_hub", None)
+    if not _takes(upload, ["self", "working_dir"]):
+        push.append("transformers' PushToHubMixin._upload_modified_files(self, working_dir, ...) is missing or changed")
+    pusher = getattr(peft_model_cls, "push_to_hub", None)
     try:
-        push_source = inspect.getsource(push) if push is not None else ""
+        push_source = inspect.getsource(pusher) if pusher is not None else ""
     except (OSError, TypeError):
         push_source = None  # no source available (e.g. a zipped install): trust the signatures above
-    if push is None or (push_source is not None and "_upload_modified_files" not in push_source):
-        problems.append("PeftModel.push_to_hub no longer uploads through _upload_modified_files")
-    if problems:
-        raise RuntimeError(
-            "peft_alps cannot hook its model card into this PEFT/transformers version: "
-            + "; ".join(problems)
-            + ". Saved and pushed ALPS adapters would get a card without the ALPS data. Please use the "
-            "peft/transformers versions pinned in peft-alps' pyproject.toml, or report this."
-        )
+    if pusher is None or (push_source is not None and "_upload_modified_files" not in push_source):
+        push.append("PeftModel.push_to_hub no longer uploads through _upload_modified_files")
+    return {SAVE_FEATURE: save, PUSH_FEATURE: push + save}  # the push hook rewrites the card with PEFT's writer
+
+
+def _takes(method: Any, leading: list[str]) -> bool:
+    try:
+        return method is not None and list(inspect.signature(method).parameters)[: len(leading)] == leading
+    except (TypeError, ValueError):
+        return False
 
 
 def install() -> None:
-    """Wrap ``PeftModel.create_or_update_model_card`` and ``PeftModel._upload_modified_files`` (once)."""
+    """Wrap ``PeftModel.create_or_update_model_card`` and ``PeftModel._upload_modified_files`` (once each); a hook
+    whose PEFT/transformers internals changed is switched off with one warning instead."""
     from peft import PeftModel
 
-    if getattr(PeftModel.create_or_update_model_card, _WRAPPED, False):
-        return
-    _check_hookable(PeftModel)
+    problems = hook_problems(PeftModel)
+    consequences = {
+        SAVE_FEATURE: "Saved ALPS adapters get PEFT's own card, without the ALPS tag and heads section.",
+        PUSH_FEATURE: "Pushed ALPS adapters get transformers' generic card (save_pretrained still writes the ALPS "
+                      "card when that hook is on).",
+    }
+    for feature, found in problems.items():
+        if found:
+            compat.switch_off(feature, "; ".join(found), consequences[feature])
     original_create = PeftModel.create_or_update_model_card
-    original_upload = PeftModel._upload_modified_files
+    if not problems[SAVE_FEATURE] and not getattr(original_create, _WRAPPED, False):
 
-    @functools.wraps(original_create)
-    def create_or_update_model_card(self, output_dir: str, *args, **kwargs):
-        result = original_create(self, output_dir, *args, **kwargs)
-        update_model_card(self, os.path.join(output_dir, "README.md"))
-        return result
+        @functools.wraps(original_create)
+        def create_or_update_model_card(self, output_dir: str, *args, **kwargs):
+            result = original_create(self, output_dir, *args, **kwargs)
+            update_model_card(self, os.path.join(output_dir, "README.md"))
+            return result
 
-    @functools.wraps(original_upload)
-    def _upload_modified_files(self, working_dir, *args, **kwargs):
-        # transformers' push_to_hub has just replaced README.md with its own card: put the PEFT + ALPS data back.
-        readme = os.path.join(working_dir, "README.md")
-        if alps_adapters(self) and os.path.exists(readme):
-            kept = list(ModelCard.load(readme).data.tags or [])
-            original_create(self, working_dir)  # PEFT's own fields (it resets the tags, so they are merged back)
-            card = ModelCard.load(readme)
-            card.data.tags = kept + [t for t in (card.data.tags or []) if t not in kept]
-            card.save(readme)
-            update_model_card(self, readme)
-        return original_upload(self, working_dir, *args, **kwargs)
+        setattr(create_or_update_model_card, _WRAPPED, original_create)
+        PeftModel.create_or_update_model_card = create_or_update_model_card
 
-    setattr(create_or_update_model_card, _WRAPPED, True)
-    setattr(_upload_modified_files, _WRAPPED, True)
-    PeftModel.create_or_update_model_card = create_or_update_model_card
-    PeftModel._upload_modified_files = _upload_modified_files
+    original_upload = getattr(PeftModel, "_upload_modified_files", None)
+    if not problems[PUSH_FEATURE] and not getattr(original_upload, _WRAPPED, False):
+        peft_create = getattr(original_create, _WRAPPED, original_create)  # PEFT's own writer, not the wrapper
+
+        @functools.wraps(original_upload)
+        def _upload_modified_files(self, working_dir, *args, **kwargs):
+            # transformers' push_to_hub has just replaced README.md with its own card: put the PEFT + ALPS data back.
+            readme = os.path.join(working_dir, "README.md")
+            if alps_adapters(self) and os.path.exists(readme):
+                kept = list(ModelCard.load(readme).data.tags or [])
+                peft_create(self, working_dir)  # PEFT's own fields (it resets the tags, so they are merged back)
+                card = ModelCard.load(readme)
+                card.data.tags = kept + [t for t in (card.data.tags or []) if t not in kept]
+                card.save(readme)
+                update_model_card(self, readme)
+            return original_upload(self, working_dir, *args, **kwargs)
+
+        setattr(_upload_modified_files, _WRAPPED, True)
+        PeftModel._upload_modified_files = _upload_modified_files

@@ -70,17 +70,12 @@ def register_alps(config_cls: type, model_cls: type) -> None:
     ``importlib.reload(peft_alps)``) rebinds the mappings to the new classes. Any other PEFT method that
     already claims ``ALPS`` or the ``alps_`` prefix is an error.
     """
-    from peft.mapping import (
-        PEFT_TYPE_TO_CONFIG_MAPPING,
-        PEFT_TYPE_TO_MIXED_MODEL_MAPPING,
-        PEFT_TYPE_TO_PREFIX_MAPPING,
-        PEFT_TYPE_TO_TUNER_MAPPING,
-    )
+    import peft.mapping as mapping
     from peft.utils import register_peft_method
 
     peft_type = ensure_peft_type()
     with _lock:
-        current = PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
+        current = mapping.PEFT_TYPE_TO_CONFIG_MAPPING.get(peft_type)
         if current is None:
             register_peft_method(
                 name=PEFT_TYPE_NAME.lower(),
@@ -95,7 +90,8 @@ def register_alps(config_cls: type, model_cls: type) -> None:
                 f"PeftType.{PEFT_TYPE_NAME} is already registered to {current.__module__}.{current.__qualname__}; "
                 "another package claims the ALPS method name. Uninstall one of them."
             )
-        PEFT_TYPE_TO_CONFIG_MAPPING[peft_type] = config_cls
-        PEFT_TYPE_TO_TUNER_MAPPING[peft_type] = model_cls
-        PEFT_TYPE_TO_MIXED_MODEL_MAPPING[peft_type] = model_cls
-        PEFT_TYPE_TO_PREFIX_MAPPING[peft_type] = PREFIX
+        # The tables register_peft_method filled; the mixed one only matters for the optional mixed integration.
+        for table, value in (("PEFT_TYPE_TO_CONFIG_MAPPING", config_cls), ("PEFT_TYPE_TO_TUNER_MAPPING", model_cls),
+                             ("PEFT_TYPE_TO_MIXED_MODEL_MAPPING", model_cls), ("PEFT_TYPE_TO_PREFIX_MAPPING", PREFIX)):
+            if isinstance(getattr(mapping, table, None), dict):
+                getattr(mapping, table)[peft_type] = value

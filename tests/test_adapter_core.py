@@ -227,6 +227,21 @@ def test_disable_adapter_gives_base_outputs_and_merge_unmerge_roundtrip():
     torch.testing.assert_close(logits(unloaded), ref, rtol=1e-5, atol=1e-6)
 
 
+def test_random_init_draws_from_the_global_rng():
+    # As LoRA's init_lora_weights=False: two adapters on the same heads differ, and torch.manual_seed reproduces one.
+    heads = {0: [0, 4], 1: [7]}
+    model = get_peft_model(tiny_llama(), AlpsConfig(target_heads=heads, init_weights=False))
+    torch.manual_seed(3)
+    model.add_adapter("b", AlpsConfig(target_heads=heads, init_weights=False))
+    torch.manual_seed(3)
+    model.add_adapter("c", AlpsConfig(target_heads=heads, init_weights=False))
+    deltas = {name: torch.cat([p.flatten() for n, p in model.named_parameters() if n.endswith(f".{name}")])
+              for name in ("default", "b", "c")}
+    assert not torch.equal(deltas["default"], deltas["b"])
+    assert torch.equal(deltas["b"], deltas["c"])
+    assert 0.01 < deltas["b"].std() < 0.03  # small: the adapted model stays close to the base
+
+
 def test_forward_never_builds_full_size_delta():
     """Each delta holds only its slices: q/k/v store |rows| x in, o stores out x |cols|."""
     model = get_peft_model(tiny_llama(), AlpsConfig(target_heads={0: [3]}))

@@ -12,7 +12,7 @@ from peft_alps.cli import main
 
 def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--output", str(out), "--no-progress", "--task", "copy"]) == 0
+    assert main(["demo", "--model", "toy", "--quick", "--output", str(out), "--no-progress", "--task", "copy"]) == 0
     printed = capsys.readouterr().out
     for row in ("base (before)", "task model (full FT)", "ALPS (top heads)", "random heads"):
         assert row in printed

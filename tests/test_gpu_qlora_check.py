@@ -1,23 +1,18 @@
 """The prepared GPU script (benchmarks/gpu_qlora_check.py): its skip path and its equal-parameter QLoRA rank."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_qlora_check.py"
+from tests.benchmark_scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("gpu_qlora_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gpu_qlora_check")
 
 
 def test_lora_rank_matching_counts_real_lora_parameters(bench):

@@ -292,17 +292,20 @@ def test_other_peft_methods_keep_peft_card(tmp_path):
     assert "alps" not in card.data.tags and alps_card.START not in card.text
 
 
-def test_install_is_idempotent_and_refuses_a_changed_peft():
-    before = PeftModel.create_or_update_model_card
+def test_install_is_idempotent_and_detects_a_changed_peft():
+    before = (PeftModel.create_or_update_model_card, PeftModel._upload_modified_files)
     alps_card.install()
-    assert PeftModel.create_or_update_model_card is before
+    assert (PeftModel.create_or_update_model_card, PeftModel._upload_modified_files) == before
+    assert alps_card.hook_problems(PeftModel) == {alps_card.SAVE_FEATURE: [], alps_card.PUSH_FEATURE: []}
 
     class ChangedPeftModel:
         def create_or_update_model_card(self, directory):  # renamed argument
             pass
 
-    with pytest.raises(RuntimeError, match="cannot hook its model card.*create_or_update_model_card"):
-        alps_card._check_hookable(ChangedPeftModel)
+    problems = alps_card.hook_problems(ChangedPeftModel)
+    assert problems[alps_card.SAVE_FEATURE] == [
+        "PeftModel.create_or_update_model_card(self, output_dir) is missing or changed"]
+    assert any("_upload_modified_files" in p for p in problems[alps_card.PUSH_FEATURE])
 
 
 # ----------------------------------------------------------------------------- localization from repo ids

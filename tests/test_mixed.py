@@ -234,25 +234,12 @@ def test_bad_heads_in_mixed_model_fail_before_injection():
     assert not any(isinstance(m, peft_alps.AlpsLayer) for m in model.modules())
 
 
-# ----------------------------------------------------------------------------- PEFT version pin
+# ----------------------------------------------------------------------------- PEFT internals
 
 
-def test_supported_peft_range_is_pinned_and_installed():
-    pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
-    pinned = re.search(r'"peft\s*([<>=!~][^"]*)"', pyproject).group(1)
-    assert mixed.SUPPORTED_PEFT == mixed.SpecifierSet(pinned), "pyproject's peft pin and mixed.SUPPORTED_PEFT differ"
-    assert peft.__version__ in mixed.SUPPORTED_PEFT
+def test_installed_peft_passes_the_internal_checks():
     assert mixed.check_internals() == []
     assert mixed.is_installed()
-
-
-def test_future_peft_version_fails_loudly(monkeypatch):
-    assert mixed.check_internals("0.22.0") == ["peft 0.22.0 is outside the tested range peft<0.22,>=0.21"]
-    monkeypatch.setattr(peft, "__version__", "0.22.0")
-    with pytest.raises(mixed.MixedSupportError, match=r"on peft 0\.22\.0: .*outside the tested range.*PEFT_ALPS_SKIP"):
-        mixed.install()
-    monkeypatch.setenv("PEFT_ALPS_SKIP_MIXED", "1")
-    mixed.install()  # explicitly skipped: no error, nothing patched again
 
 
 @pytest.mark.parametrize(
@@ -267,7 +254,7 @@ def test_future_peft_version_fails_loudly(monkeypatch):
     ],
     ids=["layers-type", "prefixes-type", "set_adapter-code", "compat-check-code"],
 )
-def test_changed_peft_internal_fails_loudly(monkeypatch, target, attr, value, message):
+def test_changed_peft_internal_is_detected(monkeypatch, target, attr, value, message):
     import importlib
 
     module_path, _, cls = target.partition(".MixedModel")
@@ -275,8 +262,7 @@ def test_changed_peft_internal_fails_loudly(monkeypatch, target, attr, value, me
     if cls or target.endswith("MixedModel"):
         owner = owner.MixedModel
     monkeypatch.setattr(owner, attr, value)
-    with pytest.raises(mixed.MixedSupportError, match=rf"peft {re.escape(peft.__version__)}: .*{message}"):
-        mixed.install()
+    assert any(re.search(message, problem) for problem in mixed.check_internals())
 
 
 def test_alps_of_a_mixed_model_exports_to_lora(joint, tmp_path):

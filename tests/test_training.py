@@ -199,6 +199,40 @@ def test_backward_stops_at_the_lowest_trained_layer(checkpointing, reentrant):
     assert_deltas_got_gradients(model)
 
 
+@pytest.mark.parametrize("reentrant", [None, False, True], ids=["no-checkpointing", "non-reentrant", "reentrant"])
+def test_embedding_output_requires_grad_and_backward_still_stops(reentrant):
+    # transformers' (and PEFT's prepare-for-training) contract: after enable_input_require_grads the embedding output
+    # requires grad. The graph is re-rooted above it, so no backward runs below the lowest trained layer.
+    model = backprop_model()
+    if reentrant is not None:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+    model.enable_input_require_grads()
+    assert model.get_input_embeddings()(batch()).requires_grad
+    assert backprop_trace(model) == expected_trace(LOWEST, boundary_input=bool(reentrant))
+    assert_deltas_got_gradients(model)
+
+
+def test_trained_embeddings_keep_the_whole_graph():
+    model = backprop_model()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    embeddings = model.get_input_embeddings().weight
+    embeddings.requires_grad_(True)  # e.g. modules_to_save=["embed_tokens"]
+    assert backprop_trace(model) == expected_trace(0, boundary_input=True)
+    assert embeddings.grad is not None and embeddings.grad.abs().sum() > 0
+
+
+def test_gradients_of_the_callers_inputs_embeds_still_flow():
+    # Only the requires-grad that enable_input_require_grads adds is cut; inputs_embeds a caller wants gradients of
+    # (saliency, attacks) keep them.
+    model = backprop_model()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    x = batch()
+    embeds = model.get_input_embeddings().weight[x].detach().requires_grad_(True)
+    model.train()
+    model(inputs_embeds=embeds, labels=x).loss.backward()
+    assert embeds.grad is not None and embeds.grad.abs().sum() > 0
+
+
 def test_embedding_hooks_installed_before_the_adapter_are_replaced():
     # prepare_model_for_kbit_training enables input grads (twice) before get_peft_model sees the model.
     base = tiny_llama(layers=LAYERS)

@@ -1,0 +1,242 @@
+"""``peft-alps demo`` on a real pretrained LLM (default: SmolLM2-135M-Instruct, built in via :mod:`peft_alps.models`).
+
+1. **base**: the built-in model's checkpoint folder (materialized offline on first use) and its score on a skill it
+   lacks, :mod:`peft_alps.date_task` (dates in English sentences -> ``YYYY-MM-DD``);
+2. **task model**: the attention warm-up (:func:`peft_alps.warmup`) on the task data, saved as an attention-only
+   checkpoint;
+3. **localize**: :func:`peft_alps.localize_heads` on the two folders -> ``heads.json``, ``heads.png``;
+4. **adapters** from the base, same data, steps and batch size: ALPS on the top ``ratio`` heads, ALPS on as many
+   random heads, and LoRA on q/k/v/o of every layer with its rank chosen so that its trainable parameters match
+   the ALPS adapter's as closely as a whole rank allows;
+5. a table (held-out exact match, trainable parameters, seconds, peak memory), two generations before and after,
+   and the ALPS adapter saved with ``base_model_name_or_path`` = the materialized folder, so that
+   ``AutoPeftModelForCausalLM.from_pretrained("alps-demo/alps-adapter")`` loads it offline.
+
+Everything lands in ``settings.output`` (default ``./alps-demo``)::
+
+    task-attn/             the warm-up task checkpoint (attention tensors only)
+    heads.json heads.png   head scores and heatmap
+    alps-adapter/          the ALPS adapter
+    results.json           the table, the generations and the settings
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import date_task
+from .resources import Usage, measure
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+@dataclass
+class RealDemoSettings:
+    model: str = "smollm2-135m"
+    output: str = "alps-demo"
+    ratio: float = 0.1
+    train_examples: int = 512
+    eval_examples: int = 100
+    batch_size: int = 8
+    warmup_steps: int = 12
+    warmup_lr: float = 1e-4
+    adapter_steps: int = 20
+    adapter_lr: float = 1e-4  # ALPS (top and random heads): a full-weight lr, as for full fine-tuning
+    lora_lr: float = 5e-4  # LoRA (alpha = r) usually wants several times the lr of full-weight updates
+    seed: int = 0
+    threads: int | None = None  # torch threads while the demo runs (default: torch's own choice)
+    progress: bool = True
+
+    @classmethod
+    def quick(cls) -> RealDemoSettings:
+        """A handful of steps and examples: the whole pipeline on the real model in about a minute (tests)."""
+        return cls(train_examples=16, eval_examples=8, batch_size=4, warmup_steps=2, adapter_steps=2)
+
+    def validate(self) -> None:
+        from .models import MODELS
+
+        if self.model not in MODELS:
+            raise ValueError(f"unknown demo model {self.model!r}; choose one of: {', '.join(MODELS)}, toy")
+        if not 0 < self.ratio <= 1:
+            raise ValueError(f"ratio must be in (0, 1], got {self.ratio}")
+        for name in ("train_examples", "eval_examples", "batch_size", "warmup_steps", "adapter_steps"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup_lr", "adapter_lr", "lora_lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.threads is not None and self.threads <= 0:
+            raise ValueError(f"threads must be positive, got {self.threads}")
+
+
+def lora_rank_matching(model: torch.nn.Module, params: int, targets=LORA_TARGETS) -> int:
+    """The LoRA rank on ``targets`` of every layer whose trainable parameter count is closest to ``params``."""
+    per_rank = sum(m.in_features + m.out_features for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets)
+    if per_rank == 0:
+        raise ValueError(f"no Linear modules named {list(targets)} to put LoRA on")
+    return max(1, round(params / per_rank))
+
+
+def _trainable(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _row(name: str, scores: dict[str, float], params: int | None, usage: Usage | None, **extra) -> dict[str, Any]:
+    return {"model": name, "trainable_params": params, **scores,
+            "train_seconds": usage.seconds if usage else None,
+            "train_cpu_seconds": usage.cpu_seconds if usage else None,
+            "extra_peak_mib": usage.extra_peak_bytes / 2**20 if usage and usage.extra_peak_bytes is not None else None,
+            **extra}
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    header = (f"{'model':<34} {'trainable params':>16} {'exact match':>11} {'answer loss':>11} {'train s':>8} "
+              f"{'CPU s':>7} {'peak MiB':>8}")
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        def fmt(key, spec):
+            return "-" if r.get(key) is None else format(r[key], spec)
+        lines.append(f"{r['model']:<34} {fmt('trainable_params', ','):>16} {r['exact_match']:>11.1%} "
+                     f"{r['loss']:>11.3f} {fmt('train_seconds', '.1f'):>8} {fmt('train_cpu_seconds', '.1f'):>7} "
+                     f"{fmt('extra_peak_mib', '.0f'):>8}")
+    return "\n".join(lines)
+
+
+def run_real_demo(settings: RealDemoSettings | None = None) -> dict[str, Any]:
+    """Run the demo on the real model; returns the results (also written to ``<output>/results.json``)."""
+    settings = settings or RealDemoSettings()
+    settings.validate()
+    previous_threads = torch.get_num_threads()
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    try:
+        return _run(settings)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _run(settings: RealDemoSettings) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from . import models
+
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    out = Path(settings.output)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(settings.seed)
+
+    print(f"[1/5] base model: {settings.model} ({models.MODELS[settings.model].description})")
+    folder = models.load(settings.model).resolve()
+    base = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    pad = tokenizer.pad_token_id
+    train_examples = date_task.make_examples(settings.train_examples, seed=settings.seed)
+    eval_examples = date_task.make_examples(settings.eval_examples, seed=settings.seed + 1, exclude=train_examples)
+    train_set, eval_set = date_task.encode(tokenizer, train_examples), date_task.encode(tokenizer, eval_examples)
+    shown = eval_examples[:2]
+    print(f"      task: {date_task.INSTRUCTION!r} on {settings.train_examples} generated sentences, scored on "
+          f"{settings.eval_examples} held-out ones, e.g. {shown[0].question.splitlines()[1]!r} -> {shown[0].answer}")
+    rows = [_row("base model (before)", date_task.evaluate(base, eval_set, pad), None, None)]
+    before = [date_task.generate(base, tokenizer, ex.question) for ex in shown]
+    print(f"      base model: exact match {rows[0]['exact_match']:.1%}")
+
+    scores, warm_row = _task_model_and_heads(base, folder, train_set, eval_set, pad, settings, out)
+    rows.append(warm_row)
+    selected = scores.top_k(settings.ratio)
+
+    adapters, after = _train_adapters(base, scores, train_set, eval_set, tokenizer, shown, settings, out)
+    rows += adapters
+
+    print("\n" + f"'{date_task.INSTRUCTION}' - {settings.eval_examples} held-out sentences; exact match = greedy "
+          f"answer right (teacher-forced argmax); same {settings.adapter_steps} steps x {settings.batch_size} examples "
+          "for every adapter; peak MiB = extra peak RSS while training:\n" + format_table(rows))
+    generations = [{"question": ex.question, "answer": ex.answer, "before": b, "after": a}
+                   for ex, b, a in zip(shown, before, after)]
+    print("\ngenerations (greedy), base -> ALPS:")
+    for g in generations:
+        print(f"  {g['question'].splitlines()[1]!r} (answer {g['answer']})\n    before: {g['before']!r}\n"
+              f"    after:  {g['after']!r}")
+    total = {"seconds": time.perf_counter() - wall0, "cpu_seconds": time.process_time() - cpu0}
+    print(f"\nsaved: {out / 'alps-adapter'} (AutoPeftModelForCausalLM.from_pretrained({str(out / 'alps-adapter')!r}) "
+          f"after `import peft_alps`; base {folder}); whole demo {total['seconds']:.0f} s wall, "
+          f"{total['cpu_seconds']:.0f} s CPU")
+    summary = {"settings": asdict(settings), "base_model": str(folder),
+               "selected_heads": {str(k): v for k, v in selected.items()}, "results": rows,
+               "generations": generations, "total": total}
+    (out / "results.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
+
+
+def _task_model_and_heads(base, folder: Path, train_set, eval_set, pad: int, settings: RealDemoSettings, out: Path):
+    """The warm-up task checkpoint, its own score (row), and the head scores from localizing it against the base."""
+    from .localization import localize_heads
+    from .warmup import warmup
+
+    print(f"[2/5] task model: attention warm-up, {settings.warmup_steps} steps x {settings.batch_size} examples "
+          f"(q/k/v/o of every layer, lr {settings.warmup_lr})")
+    with measure() as usage:
+        warm = warmup(base, train_set, steps=settings.warmup_steps, batch_size=settings.batch_size,
+                      lr=settings.warmup_lr, gradient_checkpointing=False, seed=settings.seed,
+                      output_dir=out / "task-attn", progress=settings.progress)
+    task = copy.deepcopy(base)
+    task.load_state_dict(warm.tensors, strict=False)
+    row = _row("warm-up task model (all attention)", date_task.evaluate(task, eval_set, pad),
+               sum(t.numel() for t in warm.tensors.values()), usage)
+    del task
+
+    print("[3/5] localizing the task heads (streams the two checkpoints, no data)")
+    t0 = time.perf_counter()
+    scores = localize_heads(folder, out / "task-attn", progress=settings.progress)
+    scores.save(out / "heads.json")
+    scores.heatmap(out / "heads.png", ratio=settings.ratio)
+    selected = scores.top_k(settings.ratio)
+    print(f"      {time.perf_counter() - t0:.0f} s; wrote {out / 'heads.json'} and {out / 'heads.png'}; top "
+          f"{sum(map(len, selected.values()))} of {scores.total_heads} heads: {selected}")
+    return scores, row
+
+
+def _train_adapters(base, scores, train_set, eval_set, tokenizer, shown, settings: RealDemoSettings, out: Path):
+    """ALPS on the top heads, ALPS on random heads, LoRA at equal parameters: rows, and ALPS's generations."""
+    from peft import LoraConfig, get_peft_model
+
+    from .config import AlpsConfig
+    from .demo import fit
+
+    pad = tokenizer.pad_token_id
+    top = AlpsConfig(head_scores=str(out / "heads.json"), ratio=settings.ratio)
+    plans = [("ALPS, top heads", top, settings.adapter_lr),
+             ("ALPS, random heads", AlpsConfig(target_heads=scores.random(settings.ratio, seed=settings.seed)),
+              settings.adapter_lr)]
+    rows, after = [], []
+    alps_params = None
+    for step, (name, config, lr) in enumerate(plans + [("LoRA", None, settings.lora_lr)], start=1):
+        model_in = copy.deepcopy(base)
+        if config is None:  # LoRA, sized to the ALPS adapter
+            r = lora_rank_matching(model_in, alps_params)
+            config = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
+            name = f"LoRA r={r} (q,k,v,o, all layers)"
+        model = get_peft_model(model_in, config)
+        params = _trainable(model)
+        alps_params = alps_params or params
+        heads = f"{config.num_selected_heads} heads, " if isinstance(config, AlpsConfig) else ""
+        print(f"[4/5] adapter {step}/3: {name}: {heads}{params:,} trainable parameters, lr {lr}")
+        batches = date_task.batches(train_set, settings.batch_size, pad, seed=settings.seed + 2)
+        with measure() as usage:
+            fit(model, batches, settings.adapter_steps, lr, desc=name, progress=settings.progress)
+        rows.append(_row(name, date_task.evaluate(model, eval_set, pad), params, usage, lr=lr,
+                         heads=getattr(config, "num_selected_heads", None)))
+        if step == 1:
+            after = [date_task.generate(model, tokenizer, ex.question) for ex in shown]
+            model.save_pretrained(out / "alps-adapter")
+        del model, model_in
+    matched = rows[-1]["trainable_params"] / alps_params
+    print(f"[5/5] LoRA's trainable parameters are {matched:.0%} of ALPS's (nearest whole rank)")
+    return rows, after
