@@ -51,7 +51,7 @@ def add_localize_command(subparsers) -> None:
 
 def run_localize(args: argparse.Namespace) -> int:
     from .checkpoints import open_source
-    from .hub_ranges import transfer_summary
+    from .hub_transfer import transfer_summary
     from .localization import localize_heads
     from .scores import num_selected
 
