@@ -9,7 +9,7 @@ one KV group of one layer at a time) or a whole layer (:meth:`AttentionSource.la
   the process's memory by :meth:`AttentionSource.release` (nothing else in the file is read). A folder that holds
   only the attention tensors is fine;
 * a **Hub repo id**: only the q/k/v byte ranges are read (HTTP Range, with read-ahead) into a per-commit attention
-  cache, then read like a folder (:mod:`peft_alps.hub_ranges`); offline, or from a server without Range support,
+  cache, then read like a folder (:mod:`peft_alps.hub_source`); offline, or from a server without Range support,
   the shards that hold attention tensors are read whole from the Hugging Face cache (:func:`_hub_source`);
 * an in-memory **transformers model** is read module by module; a bitsandbytes 4/8-bit weight is
   dequantized one layer at a time (the last few layers are kept while their rows are asked for).
@@ -483,7 +483,7 @@ def open_source(model_or_path: Any, *, revision: str | None = None, cache_dir: s
     folder = local_folder(model_or_path)
     if folder is not None:
         return SafetensorsSource(folder, name=text)
-    from .hub_ranges import hub_source
+    from .hub_source import hub_source
 
     return hub_source(text, revision=revision, cache_dir=cache_dir)
 

@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .layouts import layout_for_config
-from .sft_data import IGNORE_INDEX, DataError, encode_record
+from .sft_data import IGNORE_INDEX, DataError, collate, encode_record
 
 CHECKPOINT_FILE = "model.safetensors"
 METADATA_FILE = "warmup.json"
@@ -209,16 +209,7 @@ def _check_lengths(examples: list[dict], limit: int | None, truncate: bool) -> l
 
 
 def _collate(examples: list[dict], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    length = max(len(ex["input_ids"]) for ex in examples)
-    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for row, ex in enumerate(examples):
-        n = len(ex["input_ids"])
-        ids[row, :n] = torch.tensor(ex["input_ids"])
-        labels[row, :n] = torch.tensor(ex["labels"])
-        mask[row, :n] = 1
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+    return {key: value.to(device) for key, value in collate(examples, pad_id).items()}
 
 
 def _batches(n_examples: int, batch_size: int, steps: int | None, fraction: float | None, seed: int):

@@ -69,7 +69,7 @@ def run_localize(args: argparse.Namespace) -> int:
         options.check_writable(args.heatmap, "--heatmap")
 
     from peft_alps.checkpoints import open_source, read_config
-    from peft_alps.hub_ranges import transfer_summary
+    from peft_alps.hub_transfer import transfer_summary
     from peft_alps.layouts import layout_for_config
     from peft_alps.localization import localize_heads
     from peft_alps.scores import num_selected
