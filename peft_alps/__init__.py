@@ -5,16 +5,20 @@ Importing this package adds ``PeftType.ALPS`` to PEFT and registers :class:`Alps
 adapters exactly as they accept LoRA ones.
 """
 
-from .config import AlpsConfig
-from .export import export_to_lora
-from .layer import AlpsLayer, Linear
-from .localization import localize_heads
-from .scores import HeadScores, select_layer_consistent, select_random
-from .layouts import HeadDims, HeadLayout, Projection, get_layout, register_layout, supported_model_types
-from .model import AlpsModel
-from .model_card import install as install_model_card_hooks  # one warning, never an error, if PEFT changed
-from .registration import register_alps
-from .warmup import WarmupCheckpoint, warmup
+from . import quiet as _quiet
+
+_quiet.install()  # before PEFT imports bitsandbytes (see peft_alps/quiet.py)
+
+from .config import AlpsConfig  # noqa: E402
+from .export import export_to_lora  # noqa: E402
+from .layer import AlpsLayer, Linear  # noqa: E402
+from .localization import localize_heads  # noqa: E402
+from .scores import HeadScores, select_layer_consistent, select_random  # noqa: E402
+from .layouts import HeadDims, HeadLayout, Projection, get_layout, register_layout, supported_model_types  # noqa: E402
+from .model import AlpsModel  # noqa: E402
+from .model_card import install as install_model_card_hooks  # noqa: E402 - one warning, never an error, if PEFT changed
+from .registration import register_alps  # noqa: E402
+from .warmup import WarmupCheckpoint, warmup  # noqa: E402
 
 register_alps(AlpsConfig, AlpsModel)
 install_model_card_hooks()

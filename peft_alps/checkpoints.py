@@ -9,7 +9,7 @@ one KV group of one layer at a time) or a whole layer (:meth:`AttentionSource.la
   the process's memory by :meth:`AttentionSource.release` (nothing else in the file is read). A folder that holds
   only the attention tensors is fine;
 * a **Hub repo id**: only the q/k/v byte ranges are read (HTTP Range, with read-ahead) into a per-commit attention
-  cache, then read like a folder (:mod:`peft_alps.hub_ranges`); offline, or from a server without Range support,
+  cache, then read like a folder (:mod:`peft_alps.hub_source`); offline, or from a server without Range support,
   the shards that hold attention tensors are read whole from the Hugging Face cache (:func:`_hub_source`);
 * an in-memory **transformers model** is read module by module; a bitsandbytes 4/8-bit weight is
   dequantized one layer at a time (the last few layers are kept while their rows are asked for).
@@ -302,8 +302,13 @@ def _load_config(folder: Path, name: str) -> Any:
     from transformers import AutoConfig
 
     if not (folder / "config.json").is_file():
-        raise OSError(f"checkpoint {name!r} has no config.json (looked in {folder}); localization needs it to find the heads")
-    return AutoConfig.from_pretrained(str(folder))
+        raise OSError(f"{name!r} is not a checkpoint folder: it has no config.json (looked in {folder}). Pass a folder "
+                      "written by save_pretrained (config.json + safetensors) or a Hub repo id")
+    try:
+        return AutoConfig.from_pretrained(str(folder))
+    except (ValueError, KeyError) as err:  # e.g. "Unrecognized model in ...": no or an unknown model_type
+        raise OSError(f"{name!r} is not a checkpoint folder transformers can read: its config.json does not load "
+                      f"({str(err).splitlines()[0]})") from None
 
 
 def _tensor_files(folder: Path, name: str) -> dict[str, Path]:
@@ -343,6 +348,21 @@ def _read_index(path: Path, name: str) -> dict[str, str]:
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
 
+def _fetch_hub_config(repo_id: str, revision: str | None = None, cache_dir: str | None = None,
+                      local_files_only: bool = False) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(repo_id, "config.json", revision=revision, cache_dir=cache_dir,
+                                    local_files_only=local_files_only))
+    except Exception as err:  # noqa: BLE001 - every hub failure becomes one clear OSError
+        raise OSError(
+            f"{repo_id!r} is not a local folder, and its config.json could not be fetched from the Hugging Face "
+            f"Hub or found in the local cache ({type(err).__name__}: {err}). Pass an existing checkpoint folder, "
+            "a loaded model, or a repo id that is cached (HF_HUB_OFFLINE=1) or reachable."
+        ) from err
+
+
 def _hub_source(repo_id: str, revision: str | None = None, cache_dir: str | None = None,
                 local_files_only: bool = False) -> SafetensorsSource:
     """Fetch config, shard index and only the shards holding attention tensors whole; read them like a folder."""
@@ -353,14 +373,7 @@ def _hub_source(repo_id: str, revision: str | None = None, cache_dir: str | None
         return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir,
                                     local_files_only=local_files_only))
 
-    try:
-        config_path = fetch("config.json")
-    except Exception as err:  # noqa: BLE001 - every hub failure becomes one clear OSError
-        raise OSError(
-            f"{repo_id!r} is not a local folder, and its config.json could not be fetched from the Hugging Face "
-            f"Hub or found in the local cache ({type(err).__name__}: {err}). Pass an existing checkpoint folder, "
-            "a loaded model, or a repo id that is cached (HF_HUB_OFFLINE=1) or reachable."
-        ) from err
+    config_path = _fetch_hub_config(repo_id, revision, cache_dir, local_files_only)
     config = _load_config(config_path.parent, repo_id)
     name = repo_id if revision is None else f"{repo_id}@{revision}"
     try:
@@ -467,13 +480,33 @@ def open_source(model_or_path: Any, *, revision: str | None = None, cache_dir: s
             f"expected a checkpoint folder, a Hub repo id or a transformers model, got {type(model_or_path).__name__}"
         )
     text = os.fspath(model_or_path)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        return SafetensorsSource(path, name=text)
-    if path.exists():
-        raise OSError(f"{text!r} is a file; pass the checkpoint folder that holds config.json and the safetensors files")
-    if isinstance(model_or_path, os.PathLike) or not _REPO_ID.match(text) or ".." in text:
-        raise OSError(f"checkpoint folder {text!r} does not exist (and it is not a Hub repo id)")
-    from .hub_ranges import hub_source
+    folder = local_folder(model_or_path)
+    if folder is not None:
+        return SafetensorsSource(folder, name=text)
+    from .hub_source import hub_source
 
     return hub_source(text, revision=revision, cache_dir=cache_dir)
+
+
+def local_folder(path_or_repo: str | os.PathLike) -> Path | None:
+    """The checkpoint folder ``path_or_repo`` names, or ``None`` for a Hub repo id; anything else is an ``OSError``
+    with the message every command gives for it (a file, or a path that neither exists nor is a repo id)."""
+    text = os.fspath(path_or_repo)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise OSError(f"{text!r} is a file; pass the checkpoint folder that holds config.json and the safetensors files")
+    if isinstance(path_or_repo, os.PathLike) or not _REPO_ID.match(text) or ".." in text:
+        raise OSError(f"checkpoint folder {text!r} does not exist (and it is not a Hub repo id)")
+    return None
+
+
+def read_config(path_or_repo: str | os.PathLike, *, revision: str | None = None, cache_dir: str | None = None) -> Any:
+    """The transformers config of a checkpoint folder or Hub repo id, from its ``config.json`` alone (no weights
+    are read), with the same error messages as :func:`open_source` for the same mistakes."""
+    folder = local_folder(path_or_repo)
+    name = os.fspath(path_or_repo)
+    if folder is None:
+        folder = _fetch_hub_config(name, revision, cache_dir).parent
+    return _load_config(folder, name)

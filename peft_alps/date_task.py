@@ -19,7 +19,8 @@ from typing import Any
 
 import torch
 
-IGNORE_INDEX = -100
+from .sft_data import IGNORE_INDEX, collate
+
 INSTRUCTION = "Write the date in this sentence as YYYY-MM-DD."
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December")
@@ -84,20 +85,6 @@ def encode(tokenizer: Any, examples: Sequence[DateExample]) -> list[dict[str, li
         answer = tokenizer(ex.answer + end, add_special_tokens=False)["input_ids"]
         out.append({"input_ids": prompt + answer, "labels": [IGNORE_INDEX] * len(prompt) + answer})
     return out
-
-
-def collate(examples: Sequence[dict[str, list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ``input_ids`` / ``attention_mask`` / ``labels``."""
-    width = max(len(ex["input_ids"]) for ex in examples)
-    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), width), dtype=torch.long)
-    for row, ex in enumerate(examples):
-        n = len(ex["input_ids"])
-        ids[row, :n] = torch.tensor(ex["input_ids"])
-        labels[row, :n] = torch.tensor(ex["labels"])
-        mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
 def batches(examples: Sequence[dict], batch_size: int, pad_id: int, seed: int = 0) -> Iterator[dict[str, torch.Tensor]]:

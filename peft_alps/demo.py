@@ -7,8 +7,9 @@
    and ``heads.png``; then the path for users without a task model: :func:`peft_alps.warmup` trains only the
    attention on ``warmup_fraction`` of the task data, and the heads it finds are compared with the full task
    model's (shared top heads, Jaccard index, Spearman rank correlation);
-4. **ALPS**: an adapter on the top ``ratio`` heads, trained from the base on the task; the same budget on random
-   heads as a baseline;
+4. **ALPS**: an adapter on the top ``ratio`` heads, trained from the base on the task; as many random heads as a
+   baseline (the same number of heads; their trainable parameters differ, since heads of one KV group share its
+   k/v rows);
 5. a before/after table (task loss and exact-match accuracy on held-out examples) and the saved adapter.
 
 Everything lands in ``settings.output`` (default ``./alps-demo``)::
@@ -229,7 +230,7 @@ def _run(settings: DemoSettings) -> dict[str, Any]:
     results = {}
     for name, config in (
         ("ALPS (top heads)", AlpsConfig(head_scores=str(out / "heads.json"), ratio=settings.ratio)),
-        ("random heads", AlpsConfig(target_heads=HeadScores.load(out / "heads.json").random(settings.ratio,
+        ("random heads (as many)", AlpsConfig(target_heads=HeadScores.load(out / "heads.json").random(settings.ratio,
                                                                                           seed=settings.seed))),
     ):
         step = "[4/5]" if name.startswith("ALPS") else "[5/5]"
@@ -247,6 +248,8 @@ def _run(settings: DemoSettings) -> dict[str, Any]:
     table = format_table(rows)
     say("\n" + f"task '{settings.task}', {settings.eval_examples} held-out examples (loss and token accuracy on the answer; "
         "exact = whole answer right):\n" + table)
+    say("ALPS and random heads train the same number of heads, not the same number of parameters (column "
+        "'trained params'): heads that share a KV group share its k/v rows.")
     say(f"\nsaved: {out / 'alps-adapter'} (load with PeftModel.from_pretrained(base, ...) after `import peft_alps`); "
         f"base model in {out / 'base'}")
     summary = {"settings": asdict(settings), "selected_heads": {str(k): v for k, v in scores.top_k(settings.ratio).items()},

@@ -34,7 +34,7 @@ import torch
 
 from .adapted_weights import reads_frozen_base
 from .checkpoints import AttentionSource, open_source
-from .hub_ranges import bytes_read, format_bytes
+from .hub_transfer import bytes_read, format_bytes
 from .layouts import HeadDims, head_parts
 from .scores import HeadScores
 

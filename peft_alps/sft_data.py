@@ -157,3 +157,20 @@ def load_jsonl_dataset(
     if not examples:
         raise DataError(f"{path}: the file contains no records; expected one JSON object a line: {EXPECTED_FIELDS}")
     return examples
+
+
+def collate(examples: list[dict[str, list[int]]], pad_id: int):
+    """Right-padded ``input_ids`` / ``labels`` / ``attention_mask`` tensors for ``{"input_ids", "labels"}`` records
+    (labels ``IGNORE_INDEX`` on the padding)."""
+    import torch
+
+    length = max(len(ex["input_ids"]) for ex in examples)
+    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), length), dtype=torch.long)
+    for row, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        ids[row, :n] = torch.tensor(ex["input_ids"])
+        labels[row, :n] = torch.tensor(ex["labels"])
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}

@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .layouts import layout_for_config
-from .sft_data import IGNORE_INDEX, DataError, encode_record
+from .sft_data import IGNORE_INDEX, DataError, collate, encode_record
 
 CHECKPOINT_FILE = "model.safetensors"
 METADATA_FILE = "warmup.json"
@@ -120,18 +120,23 @@ class _FrozenPlusDelta(nn.Module):
         return (frozen.to(self.delta.dtype) + self.delta).to(frozen.dtype)
 
 
+def check_projections(roles: Iterable[str]) -> set[str]:
+    """``roles`` as a set, if it is a non-empty subset of :data:`ATTENTION_ROLES`; else a ``ValueError`` naming it."""
+    roles = set(roles)
+    if set(roles) - set(ATTENTION_ROLES) or not roles:
+        raise ValueError(
+            f"projections must be a non-empty subset of {ATTENTION_ROLES}, got {sorted(roles) or 'nothing'}"
+        )
+    return roles
+
+
 def attention_modules(model: nn.Module, roles: Iterable[str] = ATTENTION_ROLES) -> dict[str, nn.Module]:
     """``{module name: module}`` of the attention projections of ``model`` whose role is in ``roles``.
 
     Found through the head-layout registry, so any registered family works. A fused ``qkv`` projection counts
     when any of q, k, v is asked for.
     """
-    roles = set(roles)
-    unknown = roles - set(ATTENTION_ROLES)
-    if unknown or not roles:
-        raise ValueError(
-            f"projections must be a non-empty subset of {ATTENTION_ROLES}, got {sorted(roles) or 'nothing'}"
-        )
+    roles = check_projections(roles)
     config = getattr(model, "config", None)
     if config is None:
         raise ValueError(f"warmup needs a transformers model with a config; got a {type(model).__name__}")
@@ -204,16 +209,7 @@ def _check_lengths(examples: list[dict], limit: int | None, truncate: bool) -> l
 
 
 def _collate(examples: list[dict], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
-    length = max(len(ex["input_ids"]) for ex in examples)
-    ids = torch.full((len(examples), length), pad_id, dtype=torch.long)
-    labels = torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long)
-    mask = torch.zeros((len(examples), length), dtype=torch.long)
-    for row, ex in enumerate(examples):
-        n = len(ex["input_ids"])
-        ids[row, :n] = torch.tensor(ex["input_ids"])
-        labels[row, :n] = torch.tensor(ex["labels"])
-        mask[row, :n] = 1
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "attention_mask": mask.to(device)}
+    return {key: value.to(device) for key, value in collate(examples, pad_id).items()}
 
 
 def _batches(n_examples: int, batch_size: int, steps: int | None, fraction: float | None, seed: int):
@@ -350,6 +346,7 @@ def warmup(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+    check_projections(projections)
     if not 0.0 <= warmup_ratio < 1.0 or not 0.0 <= min_lr_ratio <= 1.0:
         raise ValueError(
             f"warmup_ratio must be in [0, 1) and min_lr_ratio in [0, 1]; got {warmup_ratio!r}, {min_lr_ratio!r}"
@@ -528,37 +525,17 @@ def head_overlap(scores_a: Any, scores_b: Any, ratio: float = 0.1) -> dict[str, 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def add_warmup_arguments(parser) -> None:
-    """Arguments of ``peft-alps warmup`` (added to an ``argparse`` sub-parser)."""
-    parser.add_argument("--base", required=True, help="base model folder (or Hub id); its tokenizer is used if present")
-    parser.add_argument("--data", required=True, help='JSONL training data: {"text": ...} or {"instruction", "input", '
-                        '"output"} (Alpaca template) or pre-tokenized {"input_ids": [...]}')
-    budget = parser.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, help="number of optimizer steps")
-    budget.add_argument("--fraction", type=float, help="one pass over this share of the data (default 0.1)")
-    parser.add_argument("--output", required=True, help="folder for the attention-only task checkpoint")
-    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--projections", default="q,k,v,o", help="attention roles to train (default q,k,v,o)")
-    parser.add_argument("--optimizer", choices=OPTIMIZERS, default="adafactor",
-                        help="adafactor (default, the least memory), adamw, or adamw8bit (bitsandbytes)")
-    parser.add_argument("--no-gradient-checkpointing", action="store_true", help="faster, more activation memory")
-    parser.add_argument("--max-length", type=int, help="longest sequence (default: the model's position limit)")
-    parser.add_argument("--truncate", action="store_true", help="cut longer sequences instead of failing")
-    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                        help="dtype to load the base in (the trained deltas are float32 regardless)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-
-
 def run_warmup_command(args) -> int:
-    """``peft-alps warmup``: validate the data before loading the weights, warm up, save, print the next step."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    """``peft-alps warmup``: validate the data before loading the weights, warm up, save, print the next step.
 
+    The options were checked when they were parsed (``peft_alps_cli``)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .checkpoints import read_config
     from .sft_data import load_jsonl_dataset
 
     base = str(args.base)
-    config = AutoConfig.from_pretrained(base)
+    config = read_config(base)  # the message localize gives for the same mistake
     layout_for_config(config)  # unsupported architectures fail here, before anything is read
     tokenizer = None
     if not Path(base).is_dir() or any((Path(base) / f).is_file() for f in TOKENIZER_FILES):
@@ -580,7 +557,7 @@ def run_warmup_command(args) -> int:
         fraction=args.fraction,
         lr=args.lr,
         batch_size=args.batch_size,
-        projections=[p.strip() for p in args.projections.split(",") if p.strip()],
+        projections=args.projections,
         optimizer=args.optimizer,
         gradient_checkpointing=not args.no_gradient_checkpointing,
         max_length=limit,

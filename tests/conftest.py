@@ -26,3 +26,11 @@ def smollm2_folder():
     from peft_alps import models
 
     return models.load("smollm2-135m")
+
+
+SUMMARY = pytest.StashKey[list]()  # lines a test leaves for the terminal summary (tests/test_docs_snippets.py)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    for line in config.stash.get(SUMMARY, []):
+        terminalreporter.write_line(line)

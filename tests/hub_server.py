@@ -7,6 +7,8 @@ It serves checkpoint folders with the endpoints that huggingface_hub 2.4 calls f
 * ``HEAD`` and ``GET /{repo}/resolve/{revision}/{path}``: the file, with the headers ``hf_hub_download`` reads
   (``X-Repo-Commit``, ``ETag``, ``Content-Length``) and, unless ``ranges=False``, ``Accept-Ranges: bytes`` and
   ``Range`` requests answered with 206 and ``Content-Range``;
+* with ``redirect=True``, ``*.safetensors`` resolve URLs answer 302 to ``/cdn/...`` with ``X-Linked-Size`` and
+  ``X-Linked-Etag``, as the Hub does for LFS files (the storage URL serves the bytes and Range);
 * errors as the Hub sends them (404 with ``X-Error-Code: RepoNotFound`` / ``RevisionNotFound`` / ``EntryNotFound``).
 
 Every request is logged with the body bytes sent (:attr:`HubServer.log`). ``bandwidth`` (bytes/s) throttles the
@@ -39,6 +41,8 @@ class Request:
     status: int
     sent: int = 0  # body bytes written
     started: float = 0.0  # time.monotonic() when the request line arrived
+    authorization: str | None = None
+    user_agent: str | None = None
 
 
 def commit_of(repo_id: str, revision: str) -> str:
@@ -49,9 +53,9 @@ class HubServer:
     """``HubServer({"org/name": {"main": folder, ...}})``; use as a context manager; :attr:`endpoint` is its URL."""
 
     def __init__(self, repos: dict[str, dict[str, Path]], *, ranges: bool = True, bandwidth: float | None = None,
-                 drop_after: int | None = None):
+                 drop_after: int | None = None, redirect: bool = False):
         self.repos = {repo: {rev: Path(folder) for rev, folder in revs.items()} for repo, revs in repos.items()}
-        self.ranges, self.bandwidth, self.drop_after = ranges, bandwidth, drop_after
+        self.ranges, self.bandwidth, self.drop_after, self.redirect = ranges, bandwidth, drop_after, redirect
         self.log: list[Request] = []
         self._lock = threading.Lock()
         self._sent_total = 0
@@ -128,12 +132,16 @@ def _handler(server: HubServer):
 
         def _serve(self, body: bool):
             path = urlsplit(self.path).path
-            self.record = Request(self.command, path, self.headers.get("Range"), 0, started=time.monotonic())
+            self.record = Request(self.command, path, self.headers.get("Range"), 0, started=time.monotonic(),
+                                  authorization=self.headers.get("Authorization"),
+                                  user_agent=self.headers.get("User-Agent"))
             with server._lock:
                 server.log.append(self.record)
             if m := re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path):
                 return self._model_info(unquote(m[1]), unquote(m[2] or "main"), body)
             if m := re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path):
+                return self._file(unquote(m[1]), unquote(m[2]), unquote(m[3]), body, redirect=server.redirect)
+            if m := re.fullmatch(r"/cdn/([^/]+/[^/]+)/([^/]+)/(.+)", path):
                 return self._file(unquote(m[1]), unquote(m[2]), unquote(m[3]), body)
             self._error(404, "RepoNotFound", "not found", body)
 
@@ -151,7 +159,7 @@ def _handler(server: HubServer):
                                  for p in files]}
             self._bytes(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, body)
 
-        def _file(self, repo_id: str, revision: str, filename: str, body: bool):
+        def _file(self, repo_id: str, revision: str, filename: str, body: bool, redirect: bool = False):
             found = server.resolve(repo_id, revision)
             if found is None:
                 code = "RepoNotFound" if repo_id not in server.repos else "RevisionNotFound"
@@ -162,6 +170,9 @@ def _handler(server: HubServer):
                 return self._error(404, "EntryNotFound", f"{filename} not found", body, {"X-Repo-Commit": commit})
             size = file.stat().st_size
             headers = {"X-Repo-Commit": commit, "ETag": f'"{_etag(file)}"', "Content-Type": "application/octet-stream"}
+            if redirect and file.suffix == ".safetensors":  # as the Hub does for LFS files: off to the storage
+                return self._bytes(302, b"", {**headers, "Location": f"/cdn/{repo_id}/{commit}/{filename}",
+                                              "X-Linked-Size": str(size), "X-Linked-Etag": headers["ETag"]}, body)
             if server.ranges:
                 headers["Accept-Ranges"] = "bytes"
             start, stop, status = 0, size, 200

@@ -14,11 +14,11 @@ def test_quick_demo_runs_end_to_end(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--model", "toy", "--quick", "--output", str(out), "--no-progress", "--task", "copy"]) == 0
     printed = capsys.readouterr().out
-    for row in ("base (before)", "task model (full FT)", "ALPS (top heads)", "random heads"):
+    for row in ("base (before)", "task model (full FT)", "ALPS (top heads)", "random heads (as many)"):
         assert row in printed
     summary = json.loads((out / "results.json").read_text())
     assert summary["settings"]["task"] == "copy" and summary["settings"]["layers"] == 2
-    assert [r["model"] for r in summary["results"]][2:] == ["ALPS (top heads)", "random heads"]
+    assert [r["model"] for r in summary["results"]][2:] == ["ALPS (top heads)", "random heads (as many)"]
     scores = HeadScores.load(out / "heads.json")
     assert scores.shape == (2, 4)
     assert (out / "heads.png").read_bytes()[:4] == b"\x89PNG"

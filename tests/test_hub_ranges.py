@@ -23,7 +23,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from peft_alps import localize_heads
-from peft_alps.hub_ranges import attention_cache_root
+from peft_alps.attention_cache import attention_cache_root
 from tests.hub_server import HubServer, commit_of
 
 LAYERS = 4
@@ -88,8 +88,10 @@ def _layer_files(repo_id: str, commit: str) -> list[Path]:
     return sorted(folder.glob("layer-*.safetensors"))
 
 
-def test_scores_equal_the_folders_and_only_qkv_bytes_are_read(hub, pair):
+@pytest.mark.parametrize("redirect", [False, True], ids=["direct", "redirected-to-storage"])
+def test_scores_equal_the_folders_and_only_qkv_bytes_are_read(hub, pair, redirect):
     base, task, local = pair
+    hub.redirect = redirect
     scores = localize_heads("org/base", "org/task", task_revision="sft")
     assert scores.scores.tobytes() == local.scores.tobytes()
     assert (scores.base, scores.task) == ("org/base", "org/task@sft")
@@ -101,6 +103,8 @@ def test_scores_equal_the_folders_and_only_qkv_bytes_are_read(hub, pair):
     api = hub.sent(lambda r: r.path.startswith("/api/"))
     assert hub.sent() <= 1.25 * qkv + b["headers"] + t["headers"] + b["meta"] + t["meta"] + api
     assert not [r for r in hub.log if r.range is None and r.path.endswith(".safetensors")]  # no whole shard
+    assert all("peft-alps/" in r.user_agent for r in hub.log if r.range)  # huggingface_hub's headers, ours added
+    assert any(r.status == 302 for r in hub.log) == redirect  # (Range survives the redirect to the storage URL)
 
     # a second run reads no file at all: only the revision is resolved (model info, two small JSON answers)
     hub.clear()
@@ -209,6 +213,7 @@ def test_cli_prints_the_bytes_read_against_the_checkpoint_size(pair, tmp_path):
     base, task, local = pair
     with HubServer({"org/base": {"main": base}, "org/task": {"main": task}}) as server:
         env = {**os.environ, "HF_ENDPOINT": server.endpoint, "HF_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "0",
+               "HF_TOKEN": "hf_test_token",
                "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
         env.pop("HF_HUB_CACHE", None)
         out = tmp_path / "heads.json"
@@ -222,3 +227,4 @@ def test_cli_prints_the_bytes_read_against_the_checkpoint_size(pair, tmp_path):
     assert "org/base: " in run.stdout and "4 layers read, 0 from the cache" in run.stdout
     assert json.loads(out.read_text())["scores"] == local.scores.tolist()
     assert (tmp_path / "home" / "peft-alps" / "attention" / "models--org--base").is_dir()
+    assert {r.authorization for r in server.log if r.path.startswith(("/api/models", "/org/"))} == {"Bearer hf_test_token"}

@@ -1,8 +1,9 @@
 """notebooks/quickstart.ipynb runs top to bottom (localize, SFTTrainer, save, reload, merge, export to LoRA).
 
 The notebook asserts its own invariants (reloaded / merged / exported model give the trained model's logits);
-this test executes it with nbclient in a fresh kernel and checks that every code cell ran and that the steps
-produced what they announce."""
+this test executes it with nbclient in a fresh kernel and checks that every code cell ran, that the steps
+produced what they announce, that nothing was written to stderr (no warnings, no stray progress bars), and that
+its table shows ALPS learning the task."""
 
 import os
 from pathlib import Path
@@ -12,6 +13,10 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOK = ROOT / "notebooks" / "quickstart.ipynb"
+
+
+def stderr_text(cell):
+    return "".join(o.get("text", "") for o in cell.get("outputs", []) if o.get("name") == "stderr")
 
 
 def output_text(cell):
@@ -32,5 +37,12 @@ def test_quickstart_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     for announced in ("heads to train", "trainable params", "adapter_model.safetensors",
                       "reloaded vs trained", "merged vs trained", "LORA rank", "LoRA export vs trained"):
         assert announced in text, announced
+    noise = [f"cell {i}: {stderr_text(c)}" for i, c in enumerate(code) if stderr_text(c)]
+    assert not noise, "the notebook wrote to stderr:\n" + "\n".join(noise)
+    assert "Warning" not in text
+    table = {line[:22].strip(): line[22:].split() for line in text.splitlines()
+             if line.startswith(("base ", "task model (full FT)", "ALPS (4 heads)"))}
+    exact = {name: float(cols[-1].rstrip("%")) for name, cols in table.items()}
+    assert exact["ALPS (4 heads)"] >= exact["base"] + 20, table  # a visible gain, in exact-match points
     images = [o for c in code for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
     assert images, "the head-score heatmap was not displayed"
