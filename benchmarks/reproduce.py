@@ -36,6 +36,7 @@ from typing import Any, Callable
 import torch
 
 from benchmarks import _common as C
+from peft_alps.real_demo import lora_rank_matching as lora_rank_for  # one rank-matching rule for demo and benchmarks
 
 MAIN_METHODS = ("full_attn", "wo_attn", "random_10", "lc_10", "lora_eq", "lora_qkv", "alps_10", "alps_30")
 ABLATION = {"wasserstein": "alps_10", "kl": "alps_10_kl", "cosine": "alps_10_cosine", "euclidean": "alps_10_euclidean"}
@@ -192,12 +193,6 @@ def lora_method(base, rank: int, targets, seed: int):
     torch.manual_seed(seed)
     cfg = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), lora_dropout=0.0)
     return get_peft_model(copy.deepcopy(base), cfg)
-
-
-def lora_rank_for(base, params: int, targets) -> int:
-    per_rank = sum(m.in_features + m.out_features for n, m in base.named_modules()
-                   if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in targets)
-    return max(1, round(params / per_rank))
 
 
 def trainable(model) -> int:
