@@ -37,6 +37,7 @@ import torch
 
 from benchmarks import _common as C
 from peft_alps.real_demo import lora_rank_matching as lora_rank_for  # one rank-matching rule for demo and benchmarks
+from peft_alps.resources import trainable_parameters
 
 MAIN_METHODS = ("full_attn", "wo_attn", "random_10", "lc_10", "lora_eq", "lora_qkv", "alps_10", "alps_30")
 ABLATION = {"wasserstein": "alps_10", "kl": "alps_10_kl", "cosine": "alps_10_cosine", "euclidean": "alps_10_euclidean"}
@@ -195,10 +196,6 @@ def lora_method(base, rank: int, targets, seed: int):
     return get_peft_model(copy.deepcopy(base), cfg)
 
 
-def trainable(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 # ------------------------------------------------------------------------------------------------ evaluation
 
 
@@ -225,7 +222,7 @@ def _run_seed(seed: int) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for name, make, train_set, eval_set, other_evals, lr in _JOBS:
         model = make(seed)
-        n_params = trainable(model)
+        n_params = trainable_parameters(model)
         torch.manual_seed(seed)
         losses = train(model, synthetic.batches(train_set, _SETUP[0].batch, seed=seed), _SETUP[0].train_steps, lr)
         res = evaluate(model, eval_set, other_evals)
@@ -275,7 +272,7 @@ def run(args) -> dict[str, Any]:
     if args.heatmap:
         scores["wasserstein"].heatmap(args.out / f"{args.stem}_heads.png", ratio=0.1)
 
-    alps10_params = trainable(alps_method(base, scores["wasserstein"].top_k(ratio=0.1)))
+    alps10_params = trainable_parameters(alps_method(base, scores["wasserstein"].top_k(ratio=0.1)))
     eq_rank = lora_rank_for(base, alps10_params, ATTENTION)
     qkv_rank = max(1, round(128 * setup.width / 2048))
     result["lora_eq_rank"], result["lora_qkv_rank"] = eq_rank, qkv_rank

@@ -33,11 +33,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # busy-waiting OpenMP threa
 import argparse
 import copy
 import json
-import math
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,7 +45,8 @@ import torch
 from benchmarks import _common as C
 from benchmarks import real_data as D
 from benchmarks import real_tasks as T
-from benchmarks.reproduce import alps_method, lora_method, lora_rank_for, schedule, trainable, weights_method
+from benchmarks.reproduce import alps_method, lora_method, lora_rank_for, schedule, weights_method
+from peft_alps.resources import trainable_parameters
 
 TUNED = ("alps_10", "random_10", "lc_10", "lora_eq", "full_attn", "wo_attn", "lora_qkv", "alps_30", "alps_10_warmup")
 MAIN = ("full_attn", "wo_attn", "random_10", "lc_10", "lora_eq", "lora_qkv", "alps_10", "alps_30", "alps_10_warmup")
@@ -277,7 +277,7 @@ def make_method(name: str, base, state: TaskState, seed: int, ranks: dict[str, i
 
 def lora_ranks(base, state: TaskState) -> dict[str, int]:
     model = alps_method(base, state.selections["alps_10"])
-    params = trainable(model)
+    params = trainable_parameters(model)
     width = base.config.hidden_size
     return {"alps_10_params": params, "lora_eq": lora_rank_for(base, params, ATTN),
             "lora_qkv": max(1, round(128 * width / 2048))}
@@ -336,7 +336,7 @@ class Runner:
             model = alps_method(self.base, train_state.selections["alps_10"])
         else:
             model = make_method(method, self.base, state, seed, state.ranks)
-        n = trainable(model)
+        n = trainable_parameters(model)
         t = time.perf_counter()
         curve: list[dict[str, float]] = []
 

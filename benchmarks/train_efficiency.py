@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from benchmarks import _common as C
+from peft_alps.resources import trainable_parameters
 
 METHODS = ("alps", "lora_eq", "lora_qkv", "masked", "full")
 LABELS = {
@@ -121,10 +122,6 @@ def select_heads(shape: Shape, ratio: float, seed: int, min_layer: int = 0) -> d
 # ------------------------------------------------------------------------------------------------ methods
 
 
-def count_trainable(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def lora_params_per_rank(model, targets: list[str]) -> int:
     """Trainable parameters one unit of LoRA rank adds on ``targets``: in + out features per targeted Linear."""
     total = 0
@@ -195,7 +192,7 @@ def build_methods(base, shape: Shape, heads, qkv_rank: int | None) -> tuple[dict
     models: dict[str, Any] = {}
     info: dict[str, Any] = {}
     models["alps"] = make_alps(base, heads)
-    alps_params = count_trainable(models["alps"])
+    alps_params = trainable_parameters(models["alps"])
     qkvo = ["q_proj", "k_proj", "v_proj", "o_proj"]
     eq_rank = max(1, round(alps_params / lora_params_per_rank(base, qkvo)))
     models["lora_eq"] = make_lora(base, eq_rank, qkvo)
@@ -213,7 +210,7 @@ def build_methods(base, shape: Shape, heads, qkv_rank: int | None) -> tuple[dict
 
 def effective_trainable(name: str, model, alps_params: int) -> int:
     """Entries the method can actually change (for ``masked`` the selected slices, i.e. ALPS's count)."""
-    return alps_params if name == "masked" else count_trainable(model)
+    return alps_params if name == "masked" else trainable_parameters(model)
 
 
 # ------------------------------------------------------------------------------------------------ steps
@@ -252,7 +249,7 @@ def measure_training(models: dict[str, Any], batch, rounds: int, warmup: int, ba
         out[name] = {
             "step_s": C.spread(times[name]),
             "step_ratio_to_alps": C.paired_ratio(times, name, "alps"),
-            "trainable_params": count_trainable(trainer.model),
+            "trainable_params": trainable_parameters(trainer.model),
             "optimizer_state_bytes": C.optimizer_state_bytes(trainer.optimizer),
             "resident_bytes": resident,
             "step_transient_peak_bytes": transient,

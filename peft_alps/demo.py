@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from . import synthetic
+from .resources import trainable_parameters
 
 PRETRAIN_SKILLS = ("text", "copy", "arithmetic", "brackets")
 
@@ -132,10 +133,6 @@ def fit(model: torch.nn.Module, batches, steps: int, lr: float, *, desc: str = "
     return loss
 
 
-def _trainable(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 def format_table(rows: list[dict[str, Any]]) -> str:
     header = (f"{'model':<22} {'heads':>5} {'trained params':>14} {'task loss':>9} {'token acc':>9} "
               f"{'exact':>6} {'train s':>7}")
@@ -213,7 +210,7 @@ def _run(settings: DemoSettings) -> dict[str, Any]:
     t0 = time.perf_counter()
     train(task, task_train, settings.task_steps, settings.lr, settings.batch_size, seed=settings.seed + 1,
           desc="fine-tune task model", progress=settings.progress)
-    rows.append({"model": "task model (full FT)", "heads": "all", "trainable_params": _trainable(task),
+    rows.append({"model": "task model (full FT)", "heads": "all", "trainable_params": trainable_parameters(task),
                  "train_seconds": time.perf_counter() - t0, **synthetic.evaluate(task, task_eval)})
     task.save_pretrained(out / "task")
     del task
@@ -239,7 +236,7 @@ def _run(settings: DemoSettings) -> dict[str, Any]:
         t0 = time.perf_counter()
         train(model, task_train, settings.adapter_steps, settings.adapter_lr, settings.batch_size,
               seed=settings.seed + 2, desc=name, progress=settings.progress)
-        rows.append({"model": name, "heads": config.num_selected_heads, "trainable_params": _trainable(model),
+        rows.append({"model": name, "heads": config.num_selected_heads, "trainable_params": trainable_parameters(model),
                      "train_seconds": time.perf_counter() - t0,
                      **synthetic.evaluate(model, task_eval)})
         results[name] = model

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from . import date_task
-from .resources import Usage, measure
+from .resources import Usage, measure, trainable_parameters
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -83,10 +83,6 @@ def lora_rank_matching(model: torch.nn.Module, params: int, targets=LORA_TARGETS
     if per_rank == 0:
         raise ValueError(f"no Linear modules named {list(targets)} to put LoRA on")
     return max(1, round(params / per_rank))
-
-
-def _trainable(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def _row(name: str, scores: dict[str, float], params: int | None, usage: Usage | None, **extra) -> dict[str, Any]:
@@ -224,7 +220,7 @@ def _train_adapters(base, scores, train_set, eval_set, tokenizer, shown, setting
             config = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
             name = f"LoRA r={r} (q,k,v,o, all layers)"
         model = get_peft_model(model_in, config)
-        params = _trainable(model)
+        params = trainable_parameters(model)
         alps_params = alps_params or params
         heads = f"{config.num_selected_heads} heads, " if isinstance(config, AlpsConfig) else ""
         print(f"[4/5] adapter {step}/3: {name}: {heads}{params:,} trainable parameters, lr {lr}")

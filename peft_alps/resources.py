@@ -1,4 +1,5 @@
-"""Wall time, CPU time and extra peak resident memory of one step of work, for the demo's table.
+"""What one step of work costs, for the demos' and benchmarks' tables: wall time, CPU time, extra peak resident
+memory (``measure``) and trainable parameters (``trainable_parameters``).
 
 Peak memory is the process's peak RSS (``VmHWM``) during the step minus its RSS at the start. The peak is reset
 before the step by writing ``5`` to ``/proc/self/clear_refs`` (Linux); freed heap is first handed back to the
@@ -69,3 +70,8 @@ def measure() -> Iterator[Usage]:
         usage.cpu_seconds = time.process_time() - cpu
         peak = _status_bytes("VmHWM") if can_peak else None
         usage.extra_peak_bytes = max(peak - start_rss, 0) if peak is not None else None
+
+
+def trainable_parameters(model) -> int:
+    """Elements in the parameters that require grad (a plain module, a ``PeftModel`` or a merged model alike)."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
