@@ -473,18 +473,28 @@ def pm(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
     return f"{scale * st['mean']:.{digits}f} ± {scale * st['std']:.{digits}f}"
 
 
-def paired(a: list[dict], b: list[dict], scale: float = 100.0) -> str:
-    """Mean ± std over shared seeds of (row EM - reference EM), in points, with the number of pairs."""
-    by_seed = {r["seed"]: r["test"]["accuracy"] for r in b}
-    diffs = [r["test"]["accuracy"] - by_seed[r["seed"]] for r in a if r["seed"] in by_seed]
-    return f"{pm(diffs, scale)} ({len(diffs)})" if diffs else "–"
+def paired(a: list[dict], b: list[dict], key: str = "accuracy", scale: float = 100.0, digits: int = 1) -> str:
+    """Mean ± std over shared seeds of (row - reference) test ``key`` (EM in points by default), with the pairs."""
+    by_seed = {r["seed"]: r["test"][key] for r in b}
+    diffs = [r["test"][key] - by_seed[r["seed"]] for r in a if r["seed"] in by_seed]
+    return f"{pm(diffs, scale, digits)} ({len(diffs)})" if diffs else "–"
 
 
-def rank_among(value: float, draws: list[float]) -> str:
+def rank_among(value: float, draws: list[float], higher_is_better: bool = True) -> str:
+    """How many ``draws`` ``value`` beats (ties count half), as ``k/n``."""
     if not draws:
         return "–"
-    below = sum(d < value for d in draws) + 0.5 * sum(d == value for d in draws)
-    return f"{below:g}/{len(draws)}"
+    worse = sum((d < value) if higher_is_better else (d > value) for d in draws)
+    return f"{worse + 0.5 * sum(d == value for d in draws):g}/{len(draws)}"
+
+
+def ranks(value: dict[str, Any], draws: list[dict]) -> str:
+    """``value`` (a row's mean test EM and loss) ranked among head draws' runs, by EM and by answer loss."""
+    if not draws:
+        return "–"
+    em = rank_among(value["accuracy"], [r["test"]["accuracy"] for r in draws])
+    loss = rank_among(value["loss"], [r["test"]["loss"] for r in draws], higher_is_better=False)
+    return f"{em} EM, {loss} loss"
 
 
 def overlap(info: dict[str, Any], method: str, reference: str = "alps_10") -> str:
@@ -548,8 +558,9 @@ def render(result: dict[str, Any]) -> str:
         lines.append(C.markdown_table(["task", "method", "step 0", *[f"step {k}" for k in steps]], rows))
         lines.append("")
     lines += ["Forgetting = held-out loss on that probe minus the base model's (higher = more forgotten). "
-              "'beats Random (LC) draws' = how many of the Random (LC) head draws the row's mean EM beats (ties count "
-              "half). A negative forgetting on another task's answers means training taught the answer-only format, "
+              "'beats Random (LC) draws' = how many of the Random (LC) head draws the row's mean test EM (mean "
+              "answer loss: lower beats higher) beats, ties counting half; where EM sits at its floor only the loss "
+              "ranks. A negative forgetting on another task's answers means training taught the answer-only format, "
               "which those answers share.",
               ""]
     if result.get("env"):
@@ -566,20 +577,22 @@ def render_task(task: str, info: dict[str, Any], sm: dict[str, Any]) -> list[str
              f"r={info['ranks']['lora_eq']}, q/k/v r={info['ranks']['lora_qkv']}.", ""]
     alps = runs.get("alps_10") or runs.get("transfer_b", [])  # the transfer task pairs with its own heads
     ref_name = "ALPS 10%" if runs.get("alps_10") else "B's own heads"
-    rnd = [r["test"]["accuracy"] for r in runs.get("random_10") or runs.get("transfer_random", [])]
-    lc = [r["test"]["accuracy"] for r in runs.get("lc_10", [])]
+    rnd, lc = runs.get("random_10") or runs.get("transfer_random", []), runs.get("lc_10", [])
     order = [m for m in (*MAIN, *[v for v in ABLATION.values() if v != "alps_10"], "sel_weight_change", "sel_gradient",
                          "transfer_a", "transfer_b", "transfer_random", "transfer_full_attn") if m in sm]
     rows = []
     for m in order:
         r = sm[m]
+        mean = {"accuracy": r["test_accuracy"]["mean"], "loss": r["test_loss"]["mean"]}
+        itself = m in ("alps_10", "transfer_b")
         rows.append([LABELS[m], f"{r['trainable_params']:,}", f"{r['lr']:g}", r["test_accuracy"]["n"],
                      pm(_test(runs[m]), 100), pm(_test(runs[m], "loss"), 1, 3),
-                     "–" if m in ("alps_10", "transfer_b") else paired(runs[m], alps),
-                     rank_among(r["test_accuracy"]["mean"], rnd), rank_among(r["test_accuracy"]["mean"], lc),
-                     overlap(info, m)])
+                     "–" if itself else paired(runs[m], alps),
+                     "–" if itself else paired(runs[m], alps, "loss", 1.0, 3),
+                     ranks(mean, rnd), ranks(mean, lc), overlap(info, m)])
     lines.append(C.markdown_table(["method", "params", "lr", "n", "test EM %", "test answer loss",
-                                   f"EM minus {ref_name}, paired (pp, pairs)", "beats Random draws",
+                                   f"EM minus {ref_name}, paired (pp, pairs)",
+                                   f"loss minus {ref_name}, paired (pairs)", "beats Random draws",
                                    "beats LC draws", "heads shared with ALPS 10%"], rows))
     probes = list(ref["base"]["probes"])
     base_probes = ", ".join(f"{p} {ref['base']['probes'][p]:.3f}" for p in probes)
