@@ -251,6 +251,17 @@ def build_task(state: TaskState, base, base_folder: Path, setup: Setup, workdir:
     state.references["build_s"] = time.perf_counter() - t0
 
 
+def check_same_selections(task: str, recorded: dict[str, Any] | None, built: dict[str, dict[int, list[int]]]) -> None:
+    """A resumed run must rebuild exactly the head sets its JSON recorded, or its old and new runs do not compare."""
+    if not recorded:
+        return
+    for name, sel in built.items():
+        if name in recorded and {int(l): list(h) for l, h in recorded[name].items()} != {int(l): list(h) for l, h in sel.items()}:
+            raise RuntimeError(f"--resume: task {task!r} rebuilt different {name!r} heads than the results JSON records "
+                               f"(the task models are not reproducible here: other torch version or threads?); "
+                               f"start a fresh run instead of resuming")
+
+
 def heads_of(selection) -> set[tuple[int, int]]:
     return {(int(l), h) for l, hs in selection.items() for h in hs}
 
@@ -296,7 +307,7 @@ class Runner:
         general = D.encode_text(tokenizer, list(T.general_texts()[:setup.probe_examples]), setup.probe_tokens)
         self.probe_cache: dict[str, list] = {}
         self.general = general
-        self.t0 = time.perf_counter()
+        self.t0 = time.perf_counter() - result.get("elapsed_s", 0.0)  # a resumed run's clock goes on from its JSON
 
     def probes_of(self, task: str) -> list:
         if task not in self.probe_cache:
@@ -311,6 +322,7 @@ class Runner:
             st.ranks = lora_ranks(self.base, st)
             self.states[task] = st
             info = self.result["tasks"].setdefault(task, {})
+            check_same_selections(task, info.get("selections"), st.selections)
             info.update(references=st.references, ranks=st.ranks,
                         selections={k: {str(l): h for l, h in v.items()} for k, v in st.selections.items()},
                         scores={k: s.scores.tolist() for k, s in st.scores.items()})
@@ -410,7 +422,8 @@ class Runner:
         return any(r["seed"] == seed for r in runs)
 
     def jobs(self) -> list[tuple[str, str, int, str | None]]:
-        """(task, method, seed, train_task) in priority order: Table 1 first, then draws, ablations, transfer."""
+        """(task, method, seed, train_task) in priority order: Table 1 at every seed, then Table 2 metrics, the extra
+        selectors and transfer, then the remaining Random/LC draws (a deadline cuts draws, never whole tables)."""
         s = self.setup
         seeds, draws = list(s.seeds), list(range(max(s.draws, len(s.seeds))))
         if s.methods:  # a reduced run: the chosen rows, seed by seed, then the remaining Random/LC draws
@@ -419,13 +432,12 @@ class Runner:
                           for m in ("random_10", "lc_10") if m in s.methods]
         out = [(t, m, seeds[0], None) for t in s.tasks for m in TUNED]
         out += [(t, m, sd, None) for sd in seeds[1:] for t in s.tasks for m in TUNED]
-        out += [(t, m, d, None) for d in draws if d not in seeds for t in s.tasks for m in ("random_10", "lc_10")]
         extra = [m for m in (*ABLATION.values(), *SELECTORS.values()) if m not in TUNED]
         few = seeds[:max(1, s.extra_seeds)]
         out += [(t, m, sd, None) for sd in few for t in s.tasks for m in extra]
         a, b = s.transfer
         out += [(a, m, sd, b) for sd in few for m in ("transfer_a", "transfer_b", "transfer_random", "transfer_full_attn")]
-        return out
+        return out + [(t, m, d, None) for d in draws if d not in seeds for t in s.tasks for m in ("random_10", "lc_10")]
 
     def lr_for(self, method: str) -> float:
         base = {"transfer_full_attn": "full_attn", "transfer_random": "random_10"}.get(method, method)
@@ -439,6 +451,8 @@ class Runner:
         return self.result["lr"][base]
 
     def execute(self) -> None:
+        self.result.pop("stopped_at_deadline", None)
+        self.result["finished"] = False
         for task, method, seed, train_task in self.jobs():
             if self.args.deadline and time.time() > self.args.deadline:
                 log("deadline reached: stopping (the report says which runs are missing)")
@@ -568,6 +582,9 @@ def render(result: dict[str, Any]) -> str:
               ""]
     if result.get("env"):
         lines.append(C.produced_by(result["env"], f" in {result.get('elapsed_s', 0) / 60:.1f} min"))
+    for r in result.get("resumed", []):
+        lines.append(f"Resumed after {r['after_s'] / 60:.1f} min by `{r['command']}` at {r['utc']} UTC (the minutes count "
+                     "only the time spent running).")
     return "\n".join(lines)
 
 
@@ -657,6 +674,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=C.RESULTS)
     p.add_argument("--stem")
     p.add_argument("--render", type=Path, help="only re-render the Markdown/PNG from this results JSON")
+    p.add_argument("--resume", type=Path, help="go on with this results JSON (same settings): finished runs and tuned "
+                   "rates are kept, the rest run; the output is rewritten in place")
     args = p.parse_args(argv)
     values = asdict(Setup())
     if args.quick:
@@ -678,6 +697,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown method {unknown[0]!r}; choose from {[m for m in LABELS if not m.startswith('transfer_')]}")
     args.setup = Setup(**values)
     args.stem = args.stem or ("reproduce_real_quick" if args.quick else "reproduce_smollm2")
+    if args.resume:
+        if not args.resume.is_file():
+            p.error(f"--resume {args.resume}: no such results JSON")
+        old = json.loads(args.resume.read_text()).get("setup", {})
+        new = json.loads(json.dumps(asdict(args.setup)))
+        differ = sorted(k for k in new if old.get(k) != new[k])
+        if differ:
+            p.error(f"--resume {args.resume}: its settings differ in {differ} (JSON {[old.get(k) for k in differ]} vs "
+                    f"now {[new[k] for k in differ]}); pass the same flags as the run that wrote it")
+        args.out, args.stem = args.resume.parent, args.resume.stem
     args.deadline = _deadline(args.deadline)
     return args
 
@@ -712,6 +741,11 @@ def main(argv=None) -> dict[str, Any]:
     result: dict[str, Any] = {"model_name": "tiny random Llama (SmolLM2 tokenizer)" if setup.tiny else setup.model,
                               "setup": json.loads(json.dumps(asdict(setup))), "env": env, "lr": {}, "tuning": {}, "tasks": {},
                               "base_params": sum(p.numel() for p in base.parameters())}
+    if args.resume:
+        result = json.loads(args.resume.read_text())
+        result.setdefault("resumed", []).append({"utc": env["utc"], "command": env["command"],
+                                                 "after_s": result.get("elapsed_s", 0.0)})
+        env = result["env"]
     args.out.mkdir(parents=True, exist_ok=True)
     runner = Runner(setup, args, base, tokenizer, base_folder, result)
     runner.execute()

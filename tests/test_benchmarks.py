@@ -253,3 +253,39 @@ def test_reproduce_real_quick(tmp_path, smollm2_folder):
     (tmp_path / "rr.md").unlink()
     R.main(["--render", str(tmp_path / "rr.json")])
     assert (tmp_path / "rr.md").read_text() == md
+
+
+def test_reproduce_real_resume_reruns_only_the_missing_runs(tmp_path, smollm2_folder):
+    from benchmarks import reproduce_real as R
+
+    argv = ["--quick", "--tasks", "math", "--seeds", "0", "--draws", "2", "--out", str(tmp_path), "--stem", "rr"]
+    R.main(argv)
+    path = tmp_path / "rr.json"
+    full = _load(path)
+    cut = json.loads(json.dumps(full))  # as if stopped at a deadline: the last draw and the transfer rows missing
+    runs = cut["tasks"]["math"]["runs"]
+    runs["random_10"] = [r for r in runs["random_10"] if r["seed"] == 0]
+    del cut["tasks"]["math_mul"]
+    cut.update(finished=False, stopped_at_deadline=True)
+    kept = json.loads(json.dumps(runs["alps_10"]))
+    path.write_text(json.dumps(cut))
+
+    with pytest.raises(SystemExit):  # other settings than the JSON's: refused at parse time
+        R.parse_args([*argv[:-4], "--steps", "3", "--resume", str(path)])
+    R.main([*argv, "--resume", str(path)])
+    again = _load(path)
+    assert again["finished"] and not again.get("stopped_at_deadline") and len(again["resumed"]) == 1
+    assert again["tasks"]["math"]["runs"]["alps_10"] == kept  # finished runs are kept, not rerun
+    redone = {r["seed"]: r for r in again["tasks"]["math"]["runs"]["random_10"]}
+    original = {r["seed"]: r for r in full["tasks"]["math"]["runs"]["random_10"]}
+    assert set(redone) == {0, 1}  # the same rebuilt task model and seeded draw give the same result
+    assert redone[1]["test"] == pytest.approx(original[1]["test"], rel=1e-5)
+    assert set(again["tasks"]["math_mul"]["runs"]) == set(full["tasks"]["math_mul"]["runs"])
+    assert "Resumed after" in (tmp_path / "rr.md").read_text()
+
+    tampered = json.loads(path.read_text())  # head sets that the rebuild does not reproduce: refused, nothing mixed
+    tampered["tasks"]["math"]["selections"]["alps_10"] = {"0": [3], "1": []}
+    del tampered["tasks"]["math"]["runs"]["lc_10"]
+    path.write_text(json.dumps(tampered))
+    with pytest.raises(RuntimeError, match="rebuilt different 'alps_10' heads"):
+        R.main([*argv, "--resume", str(path)])
