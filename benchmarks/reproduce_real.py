@@ -556,6 +556,7 @@ def render(result: dict[str, Any]) -> str:
              f"{s['seeds'][:s.get('extra_seeds', len(s['seeds']))]}. Task models: full SFT {s['sft_steps']} steps lr {s['sft_lr']}; "
              f"attention warm-up {s['warmup_steps']} steps lr {s['warmup_lr']} (Adafactor).", ""]
     summ = summarize(result)
+    lines += render_overview(result, summ)
     for task, info in result["tasks"].items():
         if task not in summ:
             continue
@@ -586,6 +587,36 @@ def render(result: dict[str, Any]) -> str:
         lines.append(f"Resumed after {r['after_s'] / 60:.1f} min by `{r['command']}` at {r['utc']} UTC (the minutes count "
                      "only the time spent running).")
     return "\n".join(lines)
+
+
+def render_overview(result: dict[str, Any], summ: dict[str, Any]) -> list[str]:
+    """Table 1 across the paper-shaped tasks: test EM and answer loss per row, its rank among the Random draws by
+    loss, and the general-text forgetting."""
+    tasks = [t for t in result["setup"]["tasks"] if t in summ]
+    if not tasks:
+        return []
+    rows = []
+    for m in MAIN:
+        if not any(m in summ[t] for t in tasks):
+            continue
+        row = [LABELS[m]]
+        for t in tasks:
+            runs = result["tasks"][t]["runs"]
+            if m not in runs:
+                row += ["–", "–", "–"]
+                continue
+            mean = {"accuracy": summ[t][m]["test_accuracy"]["mean"], "loss": summ[t][m]["test_loss"]["mean"]}
+            rnd = runs.get("random_10", [])
+            row += [pm(_test(runs[m]), 100), pm(_test(runs[m], "loss"), 1, 3),
+                    "–" if m == "random_10" else ranks(mean, rnd).split(", ")[1].removesuffix(" loss")]
+        forget = [v for t in tasks if m in summ[t] for v in summ[t][m]["forgetting"]["general_text"]["values"]]
+        rows.append(row + [pm(forget, 1, 3)])
+    head = ["method"] + [f"{t}: {c}" for t in tasks for c in ("EM %", "loss", "beats Random (loss)")]
+    return ["## Overview (Table 1 and Table 5, every task)", "",
+            "Mean ± std over seeds (Random/LC: over the head draws); 'beats Random (loss)': of the Random draws of that "
+            "task, how many have a higher mean answer loss than the row; forgetting: general-text loss minus the "
+            "base's, over every run of the row on every task.", "",
+            C.markdown_table(head + ["forgetting, general text"], rows), ""]
 
 
 def render_task(task: str, info: dict[str, Any], sm: dict[str, Any]) -> list[str]:
