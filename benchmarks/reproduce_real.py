@@ -665,21 +665,25 @@ def plot(result: dict[str, Any], path: Path) -> None:
     tasks = [t for t in result["setup"]["tasks"] if t in summ]
     if not tasks:
         return
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
-    for ax, task in zip(axes[0], tasks):
+    fig, axes = plt.subplots(2, len(tasks), figsize=(5 * len(tasks), 7.5), squeeze=False)
+    for col, task in enumerate(tasks):
         runs = result["tasks"][task].get("runs", {})
         names = [m for m in (*MAIN, *[v for v in ABLATION.values() if v != "alps_10"], "sel_weight_change", "sel_gradient")
                  if m in runs]
-        for i, m in enumerate(names):
-            vals = [100 * v for v in _test(runs[m])]
-            color = "tab:red" if m.startswith("alps") else "tab:blue" if m.startswith("sel") else "tab:gray"
-            ax.scatter([i] * len(vals), vals, color=color, s=12, alpha=0.7)
-            ax.bar(i, sum(vals) / len(vals), color=color, alpha=0.35)
-        base = 100 * result["tasks"][task]["references"]["base"]["test"]["accuracy"]
-        ax.axhline(base, color="k", lw=0.8, ls="--", label="base")
-        ax.set_xticks(range(len(names)), [LABELS[m] for m in names], rotation=70, ha="right", fontsize=6)
-        ax.set(title=task, ylabel="test exact match % (dots: seeds / draws)")
-        ax.grid(axis="y", alpha=0.3)
+        base = result["tasks"][task]["references"]["base"]["test"]
+        for ax, key, scale, label in ((axes[0][col], "accuracy", 100, "test EM %"),
+                                      (axes[1][col], "loss", 1, "test answer loss (lower: better)")):
+            for i, m in enumerate(names):
+                vals = [scale * v for v in _test(runs[m], key)]
+                color = "tab:red" if m.startswith("alps") else "tab:blue" if m.startswith("sel") else "tab:gray"
+                ax.scatter([i] * len(vals), vals, color=color, s=12, alpha=0.7)
+                ax.bar(i, sum(vals) / len(vals), color=color, alpha=0.35)
+            if key == "accuracy":
+                ax.axhline(scale * base[key], color="k", lw=0.8, ls="--", label="base")
+            ax.set_xticks(range(len(names)), [LABELS[m] for m in names] if key == "loss" else [""] * len(names),
+                          rotation=70, ha="right", fontsize=6)
+            ax.set(title=task if key == "accuracy" else None, ylabel=f"{label}, dots: runs")
+            ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
