@@ -78,7 +78,7 @@ class Setup:
     transfer: tuple[str, str] = ("math", "math_mul")
     tune_task: str = "math"
     steps: int = 8  # the reduced runs' dev curves (steps 4/8/12) gained most by step 8 and saturated nowhere
-    batch: int = 6  # with 8 the full design measured ~40 s a run, ~105 min in all; 6 brings it inside 90 min
+    batch: int = 6  # at 8 the full design projected ~105 min on 2 cores; at 6 it ran in ~90 min
     train_examples: int = 320
     dev_examples: int = 24
     test_examples: int = 48
@@ -92,7 +92,7 @@ class Setup:
     seeds: tuple[int, ...] = (0, 1, 2)
     draws: int = 10
     extra_seeds: int = 1  # Table 2 metrics, the extra selectors and Table 3 transfer: this many seeds (read against
-    #                       the Random draws); with Table 1 at every seed and 10 draws the run fits 90 min on 2 cores
+    #                       the Random draws), which keeps the whole design near 90 min on 2 cores
     grids: dict[str, tuple[float, ...]] = field(default_factory=lambda: {
         "full": (3e-5, 1e-4, 3e-4), "heads": (1e-4, 3e-4, 1e-3), "lora": (3e-4, 1e-3, 3e-3)})
     tune: bool = True  # False: the fixed rates below for every task (a reduced run)
