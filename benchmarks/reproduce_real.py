@@ -606,9 +606,9 @@ def render_overview(result: dict[str, Any], summ: dict[str, Any]) -> list[str]:
                 row += ["–", "–", "–"]
                 continue
             mean = {"accuracy": summ[t][m]["test_accuracy"]["mean"], "loss": summ[t][m]["test_loss"]["mean"]}
-            rnd = runs.get("random_10", [])
+            rnd = _test(runs.get("random_10", []), "loss")
             row += [pm(_test(runs[m]), 100), pm(_test(runs[m], "loss"), 1, 3),
-                    "–" if m == "random_10" else ranks(mean, rnd).split(", ")[1].removesuffix(" loss")]
+                    "–" if m == "random_10" else rank_among(mean["loss"], rnd, higher_is_better=False)]
         forget = [v for t in tasks if m in summ[t] for v in summ[t][m]["forgetting"]["general_text"]["values"]]
         rows.append(row + [pm(forget, 1, 3)])
     head = ["method"] + [f"{t}: {c}" for t in tasks for c in ("EM %", "loss", "beats Random (loss)")]
