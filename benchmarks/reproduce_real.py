@@ -692,13 +692,21 @@ def plot(result: dict[str, Any], path: Path) -> None:
 # ------------------------------------------------------------------------------------------------ main
 
 
+INT_FLAGS = ("steps", "batch", "train_examples", "dev_examples", "test_examples", "probe_examples", "sft_steps",
+             "warmup_steps", "draws", "extra_seeds")  # Setup fields settable as --flag N
+
+
+def setup_record(setup: Setup) -> dict[str, Any]:
+    """``setup`` as the results JSON stores it (tuples as lists), so that a stored and a parsed setup compare."""
+    return json.loads(json.dumps(asdict(setup)))
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny random Llama with the real tokenizer, toy budgets")
     p.add_argument("--model", help="built-in model name (peft_alps.models) or a checkpoint folder")
     p.add_argument("--real", action="store_true", help="with --quick: the real model instead of the tiny one")
-    for name in ("steps", "batch", "train_examples", "dev_examples", "test_examples", "probe_examples",
-                 "sft_steps", "warmup_steps", "draws", "extra_seeds"):
+    for name in INT_FLAGS:
         p.add_argument(f"--{name.replace('_', '-')}", type=int)
     p.add_argument("--tasks", nargs="+")
     p.add_argument("--seeds", type=int, nargs="+")
@@ -719,8 +727,7 @@ def parse_args(argv=None) -> argparse.Namespace:
             values.update(tiny=False, model="smollm2-135m")
     if args.model:
         values["model"] = args.model
-    for name in ("steps", "batch", "train_examples", "dev_examples", "test_examples", "probe_examples",
-                 "sft_steps", "warmup_steps", "draws", "extra_seeds", "tasks", "seeds", "methods"):
+    for name in (*INT_FLAGS, "tasks", "seeds", "methods"):
         if getattr(args, name) is not None:
             values[name] = tuple(getattr(args, name)) if name in ("tasks", "seeds", "methods") else getattr(args, name)
     if not args.tune:
@@ -732,11 +739,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown method {unknown[0]!r}; choose from {[m for m in LABELS if not m.startswith('transfer_')]}")
     args.setup = Setup(**values)
     args.stem = args.stem or ("reproduce_real_quick" if args.quick else "reproduce_smollm2")
+    args.previous = None  # with --resume: the results JSON to go on with
     if args.resume:
         if not args.resume.is_file():
             p.error(f"--resume {args.resume}: no such results JSON")
-        old = json.loads(args.resume.read_text()).get("setup", {})
-        new = json.loads(json.dumps(asdict(args.setup)))
+        args.previous = json.loads(args.resume.read_text())
+        old, new = args.previous.get("setup", {}), setup_record(args.setup)
         differ = sorted(k for k in new if old.get(k) != new[k])
         if differ:
             p.error(f"--resume {args.resume}: its settings differ in {differ} (JSON {[old.get(k) for k in differ]} vs "
@@ -773,14 +781,15 @@ def main(argv=None) -> dict[str, Any]:
     folder = model_folder("smollm2-135m" if setup.tiny else setup.model)
     base, tokenizer, base_folder = load_base(setup, folder)
     PAD[0] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    result: dict[str, Any] = {"model_name": "tiny random Llama (SmolLM2 tokenizer)" if setup.tiny else setup.model,
-                              "setup": json.loads(json.dumps(asdict(setup))), "env": env, "lr": {}, "tuning": {}, "tasks": {},
-                              "base_params": sum(p.numel() for p in base.parameters())}
-    if args.resume:
-        result = json.loads(args.resume.read_text())
+    if args.previous is not None:
+        result = args.previous
         result.setdefault("resumed", []).append({"utc": env["utc"], "command": env["command"],
                                                  "after_s": result.get("elapsed_s", 0.0)})
         env = result["env"]
+    else:
+        result = {"model_name": "tiny random Llama (SmolLM2 tokenizer)" if setup.tiny else setup.model,
+                  "setup": setup_record(setup), "env": env, "lr": {}, "tuning": {}, "tasks": {},
+                  "base_params": sum(p.numel() for p in base.parameters())}
     args.out.mkdir(parents=True, exist_ok=True)
     runner = Runner(setup, args, base, tokenizer, base_folder, result)
     runner.execute()
