@@ -46,6 +46,7 @@ if str(ROOT) not in sys.path:
 import peft_alps  # noqa: E402
 from peft_alps import AlpsConfig, export_to_lora  # noqa: E402
 from peft_alps.quantization import dequantized_weight  # noqa: E402
+from peft_alps.resources import trainable_parameters  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "gpu_qlora_check.json"
 
@@ -156,10 +157,6 @@ def check(cond: bool, what: str) -> None:
         raise AssertionError(what)
 
 
-def n_trainable(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
 # ------------------------------------------------------------------------------------------------ checks
 
 
@@ -260,7 +257,7 @@ def _peak(env: Env, build) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     model = build()
-    trainable = n_trainable(model)
+    trainable = trainable_parameters(model)
     after_load = torch.cuda.max_memory_allocated() if cuda else None
     if cuda:
         torch.cuda.synchronize()
