@@ -79,19 +79,25 @@ def batches(items: list[dict[str, list[int]]], batch_size: int, pad_id: int, see
 
 
 @torch.no_grad()
-def evaluate(model, items: list[dict[str, list[int]]], pad_id: int, batch_size: int = 16) -> dict[str, float]:
-    """Mean answer-token loss and exact match (every answer token argmax-correct) over ``items``."""
+def evaluate_examples(model, items: list[dict[str, list[int]]], pad_id: int, batch_size: int = 16) -> dict[str, list]:
+    """Per example: the summed answer-token loss, the number of answer tokens, and exact match (0/1)."""
     was_training = model.training
     model.eval()
-    total_loss = total_tokens = correct = 0.0
+    out: dict[str, list] = {"loss_sum": [], "tokens": [], "hit": []}
     for i in range(0, len(items), batch_size):
         batch = collate(items[i:i + batch_size], pad_id)
         logits, labels = answer_logits(model, batch), batch["labels"]
         valid = labels != -100
         nll = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
-        total_loss += float((nll * valid).sum())
-        total_tokens += float(valid.sum())
-        hit = (logits.argmax(-1) == labels) | ~valid
-        correct += float(hit.all(-1).sum())
+        out["loss_sum"] += (nll * valid).sum(-1).tolist()
+        out["tokens"] += valid.sum(-1).tolist()
+        out["hit"] += ((logits.argmax(-1) == labels) | ~valid).all(-1).int().tolist()
     model.train(was_training)
-    return {"loss": total_loss / max(1.0, total_tokens), "accuracy": correct / max(1, len(items))}
+    return out
+
+
+def evaluate(model, items: list[dict[str, list[int]]], pad_id: int, batch_size: int = 16) -> dict[str, float]:
+    """Mean answer-token loss and exact match (every answer token argmax-correct) over ``items``."""
+    ex = evaluate_examples(model, items, pad_id, batch_size)
+    return {"loss": sum(ex["loss_sum"]) / max(1.0, float(sum(ex["tokens"]))),
+            "accuracy": sum(ex["hit"]) / max(1, len(items))}

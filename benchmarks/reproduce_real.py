@@ -146,18 +146,23 @@ def model_folder(name: str) -> Path:
 
 
 def train(model, items, setup: Setup, lr: float, seed: int, steps: int | None = None,
-          every: int = 0, probe: Callable[[int], None] | None = None) -> list[float]:
-    """AdamW (0.9, 0.999, no weight decay), linear warm-up then cosine to 10%, clip 1.0 (the toy reproduction's).
+          every: int = 0, probe: Callable[[int], bool | None] | None = None, floor: float = 0.1,
+          bf16: bool = False) -> list[float]:
+    """AdamW (0.9, 0.999, no weight decay), linear warm-up then cosine to ``floor`` of the peak rate (1.0: constant
+    after the warm-up), clip 1.0 (the toy reproduction's); ``bf16``: the forward pass under CPU bf16 autocast.
 
-    With ``every`` and ``probe``, ``probe(step)`` runs after every ``every`` steps (the learning curve)."""
+    With ``every`` and ``probe``, ``probe(step)`` runs after every ``every`` steps (the learning curve); training
+    stops early when it returns True."""
     steps = steps or setup.steps
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
-    sched = schedule(optimizer, steps)
+    sched = schedule(optimizer, steps, floor=floor)
     model.train()
     losses = []
     for _, batch in zip(range(steps), D.batches(items, setup.batch, PAD[0], seed)):
-        loss = D.loss_of(D.answer_logits(model, batch), batch["labels"])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = D.answer_logits(model, batch)
+        loss = D.loss_of(logits, batch["labels"])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -165,8 +170,10 @@ def train(model, items, setup: Setup, lr: float, seed: int, steps: int | None = 
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
         if probe is not None and every and len(losses) % every == 0 and len(losses) < steps:
-            probe(len(losses))
+            stop = probe(len(losses))
             model.train()
+            if stop is True:
+                break
     model.eval()
     return losses
 

@@ -16,6 +16,7 @@ from .localization import localize_heads  # noqa: E402
 from .scores import HeadScores, select_layer_consistent, select_random  # noqa: E402
 from .layouts import HeadDims, HeadLayout, Projection, get_layout, register_layout, supported_model_types  # noqa: E402
 from .model import AlpsModel  # noqa: E402
+from .paper_recipe import modules_outside_attention, paper_recipe  # noqa: E402
 from .model_card import install as install_model_card_hooks  # noqa: E402 - one warning, never an error, if PEFT changed
 from .registration import register_alps  # noqa: E402
 from .warmup import WarmupCheckpoint, warmup  # noqa: E402
@@ -42,6 +43,8 @@ __all__ = [
     "Projection",
     "get_layout",
     "localize_heads",
+    "modules_outside_attention",
+    "paper_recipe",
     "register_layout",
     "select_layer_consistent",
     "select_random",
