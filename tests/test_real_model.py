@@ -1,6 +1,7 @@
 """The real-model tier (``pytest -m real``): SmolLM2-135M-Instruct materialized by peft_alps.models."""
 
 import json
+import zipfile
 
 import pytest
 import torch
@@ -17,7 +18,10 @@ def test_materialized_folder_is_an_ordinary_checkpoint(smollm2_folder):
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", models.MARKER} <= names
     assert not any(p.name.startswith(".") for p in smollm2_folder.parent.iterdir() if p.is_dir())  # no staging left
     provenance = json.loads((smollm2_folder / models.MARKER).read_text())
-    assert provenance["source_bytes"] == models.gguf_path("smollm2-135m").stat().st_size
+    entry = models.MODELS["smollm2-135m"]
+    assert provenance["wheel_sha256"] == entry.sha256 and provenance["licence"] == "Apache-2.0"
+    with zipfile.ZipFile(models.wheel_path("smollm2-135m")) as wheel:  # the cached, verified wheel file
+        assert provenance["source_bytes"] == wheel.getinfo(entry.member).file_size
     config = json.loads((smollm2_folder / "config.json").read_text())
     assert "quantization_config" not in config and config["architectures"] == ["LlamaForCausalLM"]
     assert (config["num_hidden_layers"], config["num_attention_heads"], config["num_key_value_heads"],
