@@ -53,6 +53,15 @@ def ids(seed=1):
     return torch.randint(0, VOCAB, (2, 7), generator=torch.Generator().manual_seed(seed))
 
 
+@contextlib.contextmanager
+def warnings_as_errors():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        yield
+
+
 def logits(model, x=None):
     model.eval()
     with torch.no_grad():
@@ -79,7 +88,9 @@ def expected_rows(family, proj, heads, n=4, g=2, d=8):
 
 def test_factors_are_selection_times_slice(tmp_path):
     model = alps_model("llama")
-    export_to_lora(model, tmp_path)
+    with pytest.warns(UserWarning, match=r"layers='owned': only 8 of the 12 .*LoRAX and TGI drop every projection "
+                                         r"type.*Export with layers='all'"):
+        export_to_lora(model, tmp_path, layers="owned")
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     sd = load_file(tmp_path / "adapter_model.safetensors")
     deltas = {n.removeprefix("base_model.model.").removesuffix(".alps_delta.default"): p.detach()
@@ -106,7 +117,7 @@ def test_per_module_ranks_write_patterns(tmp_path):
     model = alps_model("llama")
     with pytest.warns(UserWarning, match=r"PEFT and vLLM apply rank_pattern/alpha_pattern per module.*llama\.cpp "
                                          r"applies the one global lora_alpha=16"):
-        export_to_lora(model, tmp_path, per_module_ranks=True)
+        export_to_lora(model, tmp_path, per_module_ranks=True, layers="owned")
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     expected = {
         f"model.layers.{layer}.self_attn.{proj}": len(expected_rows("llama", proj, heads))
@@ -118,6 +129,65 @@ def test_per_module_ranks_write_patterns(tmp_path):
     sd = load_file(tmp_path / "adapter_model.safetensors")
     for module, r in expected.items():
         assert sd[f"base_model.model.{module}.lora_A.weight"].shape[0] == r
+
+
+@pytest.mark.parametrize("family, projections", [
+    ("llama", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")),
+    ("phi3", ("self_attn.qkv_proj", "self_attn.o_proj")),
+])
+def test_complete_export_has_every_layer_at_one_rank_with_exact_zeros(family, projections, tmp_path):
+    model = alps_model(family)
+    with warnings_as_errors():  # the complete form is served by every engine: nothing to warn about
+        export_to_lora(model, tmp_path / "all")
+    with pytest.warns(UserWarning, match="layers='owned'"):
+        export_to_lora(model, tmp_path / "owned", layers="owned")
+    config = json.loads((tmp_path / "all" / "adapter_config.json").read_text())
+    sd = load_file(tmp_path / "all" / "adapter_model.safetensors")
+    owned = load_file(tmp_path / "owned" / "adapter_model.safetensors")
+    bare = sorted(p.rsplit(".", 1)[1] for p in projections)
+    assert sorted(config["target_modules"]) == bare and config["r"] == config["lora_alpha"]
+    every = {f"base_model.model.model.layers.{layer}.{p}" for layer in range(3) for p in projections}
+    assert set(sd) == {f"{m}.lora_{ab}.weight" for m in every for ab in "AB"}
+    assert {sd[k].shape[0] for k in sd if "lora_A" in k} == {config["r"]} == {sd[k].shape[1] for k in sd if "lora_B" in k}
+    for key, tensor in sd.items():
+        if key in owned:
+            assert torch.equal(tensor, owned[key]), key  # the owned modules: the same exact factors
+        else:
+            assert int(key.split(".")[4]) not in HEADS and torch.count_nonzero(tensor) == 0, key  # exact zeros
+
+
+def test_complete_export_writes_q_k_v_together(tmp_path):
+    """SGLang stacks q, k and v per layer: an adapter that targets only q still exports all three."""
+    model = alps_model("llama", target_modules=["q_proj"])
+    export_to_lora(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["k_proj", "q_proj", "v_proj"]
+    sd = load_file(tmp_path / "adapter_model.safetensors")
+    assert len(sd) == 3 * 3 * 2 and all(torch.count_nonzero(v) == 0 for k, v in sd.items() if "q_proj" not in k)
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(build("llama"), tmp_path)), logits(model),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.warns(UserWarning, match=r"SGLang raises on a layer with q but not v"):
+        export_to_lora(model, tmp_path / "owned", layers="owned")
+
+
+def test_gpt2_complete_export_names_the_attention_c_proj_only(tmp_path):
+    """GPT-2 has c_proj in attention and in the MLP: a bare name would also adapt the MLP's."""
+    model = alps_model("gpt2")
+    export_to_lora(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert sorted(config["target_modules"]) == ["attn.c_proj", "c_attn"]
+    lora = PeftModel.from_pretrained(build("gpt2"), tmp_path)
+    assert not any("mlp" in n for n, _ in lora.named_modules() if n.endswith("lora_A"))
+    torch.testing.assert_close(logits(lora), logits(model), rtol=1e-5, atol=1e-6)
+
+
+def test_layer_form_and_pattern_options_are_checked_first(tmp_path):
+    model = alps_model("llama")
+    with pytest.raises(ValueError, match=r"layers='every' is not valid; use 'all'.*or 'owned'"):
+        export_to_lora(model, tmp_path / "x", layers="every")
+    with pytest.raises(ValueError, match=r"per_module_ranks=True .* pass layers='owned' with it"):
+        export_to_lora(model, tmp_path / "x", per_module_ranks=True)
+    assert not (tmp_path / "x").exists()
 
 
 def test_padded_rank_gives_same_outputs(tmp_path):
@@ -176,9 +246,10 @@ def test_default_exports_have_no_bias_and_reload_exactly_without_peft_alps(tmp_p
         build(family).save_pretrained(tmp_path / family / "base")
         model = alps_model(family)
         assert not any(".alps_bias." in n for n, _ in model.named_parameters())
-        for mode, kw in (("uniform", {}), ("per_module", {"per_module_ranks": True})):
+        for mode, kw, warning in (("complete", {}, None), ("owned", {"layers": "owned"}, "layers='owned'"),
+                                  ("per_module", {"per_module_ranks": True, "layers": "owned"}, PATTERN_WARNING)):
             torch.save(logits(model, x), tmp_path / family / f"expected_{mode}.pt")
-            with pytest.warns(UserWarning, match=PATTERN_WARNING) if kw else contextlib.nullcontext():
+            with pytest.warns(UserWarning, match=warning) if warning else warnings_as_errors():
                 export_to_lora(model, tmp_path / family / mode, **kw)
             config = json.loads((tmp_path / family / mode / "adapter_config.json").read_text())
             keys = load_file(tmp_path / family / mode / "adapter_model.safetensors")
@@ -242,9 +313,10 @@ def _pattern_value(pattern, module):
     return next((value for key, value in pattern.items() if module == key or module.endswith("." + key)), None)
 
 
-def serving_problems(adapter_dir, max_lora_rank=512):
-    """What vLLM's PEFTHelper / LoRA loader and llama.cpp's convert_lora_to_gguf.py + runtime would object to,
-    written from what their code does (not from their code): ``{"vllm": [...], "llama.cpp": [...]}``."""
+def serving_problems(adapter_dir, max_lora_rank=512, num_layers=3):
+    """What vLLM's PEFTHelper / LoRA loader, llama.cpp's convert_lora_to_gguf.py + runtime, LoRAX's and TGI's
+    ``load_batched_adapter_weights`` and SGLang's q/k/v stacking would object to, written from what their code does
+    (not from their code): ``{"vllm": [...], "llama.cpp": [...], "lorax/tgi": [...], "sglang": [...]}``."""
     config = json.loads((adapter_dir / "adapter_config.json").read_text())
     tensors = load_file(adapter_dir / "adapter_model.safetensors")
     vllm, llama = [], []
@@ -285,7 +357,7 @@ def serving_problems(adapter_dir, max_lora_rank=512):
             vllm.append(f"{module} lacks one of lora_A/lora_B")
             llama.append(f"{module} lacks one of lora_A/lora_B")
             continue
-        if targets is not None and module not in targets:
+        if targets is not None and not any(module == t or module.endswith("." + t) for t in targets):
             vllm.append(f"{module} is not in target_modules")
         rank = pair["lora_A"].shape[0]
         if pair["lora_B"].shape[1] != rank:
@@ -298,18 +370,48 @@ def serving_problems(adapter_dir, max_lora_rank=512):
             vllm.append(f"{module}: tensors of rank {rank}, config says {peft_rank}")
         if alpha / rank != peft_scale:  # llama.cpp: the global lora_alpha over the tensor's own rank
             llama.append(f"{module}: llama.cpp scales by {alpha}/{rank}, PEFT by {peft_scale}")
-    return {"vllm": vllm, "llama.cpp": llama}
+    return {"vllm": vllm, "llama.cpp": llama, **layer_problems(pairs, num_layers)}
+
+
+def layer_problems(pairs, num_layers):
+    """LoRAX / TGI: a projection type with no weights in some layer is dropped for every layer (the adapter then
+    serves the base model there, with only a log line). SGLang: within a layer, q, k and v come together."""
+    have: dict[str, set[int]] = {}
+    for module in pairs:
+        parts = module.split(".")
+        layer = next(int(p) for p in parts if p.isdigit())
+        have.setdefault(parts[-1], set()).add(layer)
+    lorax = [f"{proj} dropped: layer {min(set(range(num_layers)) - layers)} has none"
+             for proj, layers in sorted(have.items()) if set(range(num_layers)) - layers]
+    sglang = []
+    for layer in range(num_layers):
+        qkv = {p for p in ("q_proj", "k_proj", "v_proj") if layer in have.get(p, set())}
+        if qkv and len(qkv) < 3:
+            sglang.append(f"layer {layer} has {sorted(qkv)} without the rest of q/k/v")
+    return {"lorax/tgi": lorax, "sglang": sglang}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_default_export_passes_what_vllm_and_llama_cpp_check(family, tmp_path):
+def test_default_export_passes_what_every_engine_checks(family, tmp_path):
     export_to_lora(alps_model(family), tmp_path)
-    assert serving_problems(tmp_path) == {"vllm": [], "llama.cpp": []}
+    assert serving_problems(tmp_path) == {"vllm": [], "llama.cpp": [], "lorax/tgi": [], "sglang": []}
+
+
+def test_owned_export_is_what_lorax_tgi_and_sglang_do_not_serve(tmp_path):
+    with pytest.warns(UserWarning, match="layers='owned'"):
+        export_to_lora(alps_model("llama"), tmp_path / "owned", layers="owned")
+    found = serving_problems(tmp_path / "owned")
+    assert found["vllm"] == [] and found["llama.cpp"] == [] and found["sglang"] == []
+    assert found["lorax/tgi"] == [f"{p} dropped: layer 1 has none" for p in ("k_proj", "o_proj", "q_proj", "v_proj")]
+    with pytest.warns(UserWarning, match="SGLang raises"):
+        export_to_lora(alps_model("llama", target_modules=["q_proj", "k_proj"]), tmp_path / "qk", layers="owned")
+    assert serving_problems(tmp_path / "qk")["sglang"] == ["layer 0 has ['k_proj', 'q_proj'] without the rest of q/k/v",
+                                                          "layer 2 has ['k_proj', 'q_proj'] without the rest of q/k/v"]
 
 
 def test_serving_check_catches_what_the_engines_refuse(tmp_path):
     with pytest.warns(UserWarning, match=PATTERN_WARNING):
-        export_to_lora(alps_model("llama"), tmp_path / "pm", per_module_ranks=True)
+        export_to_lora(alps_model("llama"), tmp_path / "pm", per_module_ranks=True, layers="owned")
     found = serving_problems(tmp_path / "pm")
     assert found["vllm"] == []  # vLLM applies rank_pattern / alpha_pattern per module
     assert found["llama.cpp"] and all("llama.cpp scales by 16/8" in p for p in found["llama.cpp"])  # k/v: rank 8
@@ -354,7 +456,7 @@ def test_rank_beyond_vllm_limit_warns_and_caps(tmp_path):
     with pytest.warns(UserWarning, match=r"rank 640: vLLM serves ranks up to 512"):
         export_to_lora(model, tmp_path / "big")
     with pytest.warns(UserWarning, match=r"rank 640: vLLM serves ranks up to 512"):  # vLLM checks rank_pattern too
-        export_to_lora(model, tmp_path / "patterns", per_module_ranks=True)
+        export_to_lora(model, tmp_path / "patterns", per_module_ranks=True, layers="owned")
 
 
 def test_export_refuses_other_adapters():
@@ -368,8 +470,9 @@ def test_export_refuses_other_adapters():
         export_to_lora(model, "/nonexistent/never-written", rank=16, per_module_ranks=True)
 
 
-def test_exported_modules_are_only_layers_with_heads(tmp_path):
-    export_to_lora(alps_model("phi3"), tmp_path)
+def test_owned_export_has_only_layers_with_heads(tmp_path):
+    with pytest.warns(UserWarning, match="layers='owned'"):
+        export_to_lora(alps_model("phi3"), tmp_path, layers="owned")
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == sorted(
         f"model.layers.{layer}.self_attn.{p}" for layer in HEADS for p in ("qkv_proj", "o_proj")
