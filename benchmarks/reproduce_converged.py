@@ -42,7 +42,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # busy-waiting OpenMP threa
 
 import argparse
 import copy
-import json
 import math
 import sys
 import time
@@ -737,17 +736,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown task {unknown[0]!r}; choose from {sorted(T.GENERATORS)}")
     args.setup = Setup(**values)
     args.stem = args.stem or ("reproduce_converged_quick" if args.quick else "reproduce_converged_smollm2")
-    args.previous = None
-    if args.resume:
-        if not args.resume.is_file():
-            p.error(f"--resume {args.resume}: no such results JSON")
-        args.previous = json.loads(args.resume.read_text())
-        old, new = args.previous.get("setup", {}), R.setup_record(args.setup)
-        differ = sorted(k for k in new if old.get(k) != new[k])
-        if differ:
-            p.error(f"--resume {args.resume}: its settings differ in {differ} (JSON {[old.get(k) for k in differ]} vs "
-                    f"now {[new[k] for k in differ]}); pass the same flags as the run that wrote it")
-        args.out, args.stem = args.resume.parent, args.resume.stem
+    args.previous = R.resume_json(p, args)
     args.deadline = R._deadline(args.deadline)
     return args
 
@@ -755,10 +744,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.render:
-        result = json.loads(args.render.read_text())
-        C.write_outputs(args.render.parent, args.render.stem, result, render(result))
-        plot(result, args.render.with_suffix(".png"))
-        return result
+        return R.rerender(args.render, render, plot)
     C.quiet_transformers()
     torch.set_num_threads(args.threads)
     env = C.environment()

@@ -746,19 +746,34 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown method {unknown[0]!r}; choose from {[m for m in LABELS if not m.startswith('transfer_')]}")
     args.setup = Setup(**values)
     args.stem = args.stem or ("reproduce_real_quick" if args.quick else "reproduce_smollm2")
-    args.previous = None  # with --resume: the results JSON to go on with
-    if args.resume:
-        if not args.resume.is_file():
-            p.error(f"--resume {args.resume}: no such results JSON")
-        args.previous = json.loads(args.resume.read_text())
-        old, new = args.previous.get("setup", {}), setup_record(args.setup)
-        differ = sorted(k for k in new if old.get(k) != new[k])
-        if differ:
-            p.error(f"--resume {args.resume}: its settings differ in {differ} (JSON {[old.get(k) for k in differ]} vs "
-                    f"now {[new[k] for k in differ]}); pass the same flags as the run that wrote it")
-        args.out, args.stem = args.resume.parent, args.resume.stem
+    args.previous = resume_json(p, args)  # with --resume: the results JSON to go on with
     args.deadline = _deadline(args.deadline)
     return args
+
+
+def resume_json(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any] | None:
+    """With ``--resume``: the stored results, once their settings are checked equal to ``args.setup`` (a parse
+    error naming the fields that differ, otherwise); the outputs are then rewritten in place."""
+    if not args.resume:
+        return None
+    if not args.resume.is_file():
+        p.error(f"--resume {args.resume}: no such results JSON")
+    previous = json.loads(args.resume.read_text())
+    old, new = previous.get("setup", {}), setup_record(args.setup)
+    differ = sorted(k for k in new if old.get(k) != new[k])
+    if differ:
+        p.error(f"--resume {args.resume}: its settings differ in {differ} (JSON {[old.get(k) for k in differ]} vs "
+                f"now {[new[k] for k in differ]}); pass the same flags as the run that wrote it")
+    args.out, args.stem = args.resume.parent, args.resume.stem
+    return previous
+
+
+def rerender(path: Path, render: Callable[[dict], str], plot: Callable[[dict, Path], None]) -> dict[str, Any]:
+    """``--render``: the Markdown and the plot again from a results JSON, nothing run."""
+    result = json.loads(path.read_text())
+    C.write_outputs(path.parent, path.stem, result, render(result))
+    plot(result, path.with_suffix(".png"))
+    return result
 
 
 def _deadline(text: str | None) -> float | None:
@@ -777,10 +792,7 @@ def _deadline(text: str | None) -> float | None:
 def main(argv=None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.render:
-        result = json.loads(args.render.read_text())
-        C.write_outputs(args.render.parent, args.render.stem, result, render(result))
-        plot(result, args.render.with_suffix(".png"))
-        return result
+        return rerender(args.render, render, plot)
     C.quiet_transformers()
     torch.set_num_threads(args.threads)
     env = C.environment()
