@@ -58,9 +58,11 @@ def collate(items: list[dict[str, list[int]]], pad_id: int) -> dict[str, Any]:
 
 
 def answer_logits(model, batch: dict[str, Any]) -> torch.Tensor:
-    """Logits predicting the last ``keep - 1`` tokens of every row (float32, ``[batch, keep - 1, vocab]``)."""
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                position_ids=batch["position_ids"], logits_to_keep=batch["keep"], use_cache=False)
+    """Logits predicting the last ``keep - 1`` tokens of every row (float32, ``[batch, keep - 1, vocab]``), on the
+    model's device."""
+    device = next(model.parameters()).device
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                position_ids=batch["position_ids"].to(device), logits_to_keep=batch["keep"], use_cache=False)
     return out.logits[:, :-1].float()
 
 
@@ -86,7 +88,8 @@ def evaluate_examples(model, items: list[dict[str, list[int]]], pad_id: int, bat
     out: dict[str, list] = {"loss_sum": [], "tokens": [], "hit": []}
     for i in range(0, len(items), batch_size):
         batch = collate(items[i:i + batch_size], pad_id)
-        logits, labels = answer_logits(model, batch), batch["labels"]
+        logits = answer_logits(model, batch)
+        labels = batch["labels"].to(logits.device)
         valid = labels != -100
         nll = F.cross_entropy(logits.transpose(1, 2), labels.clamp(min=0), reduction="none")
         out["loss_sum"] += (nll * valid).sum(-1).tolist()

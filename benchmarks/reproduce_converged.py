@@ -14,6 +14,7 @@ says when every part ran. Stages, in the order they run (a deadline cuts the las
 3. **Learning rates.** Every method's rate on the tune task's dev split at seed 0 (lowest dev answer loss), from
    its family's grid; while the best rate sits on an edge the grid is extended past it (up to
    ``max_extensions`` times), so the chosen rate lies strictly inside. The best trial is kept as the seed-0 run.
+   A method is tuned when its first run comes up, so the stages below each start with their own tuning.
 4. **The bf16 check**: ALPS 10% heads-only at seeds 0-2 in float32 against the same runs under bf16 autocast
    (the report says whether they agree within the seed spread). Every later run relies on it.
 5. **The central comparison** (both tasks): heads-only ALPS 10% (3 seeds) against ``draws`` Random 10% head sets;
@@ -292,7 +293,7 @@ class Runner:
                             "general_text": evaluate(self.base, st.general)["loss"]}
             log(f"{task}: base test EM {info['base']['test']['accuracy']:.3f}; training its SFT task model")
             model, record = train_task_model(st, self.base, self.setup)
-            info["scores"] = localize_heads(self.folder, model).to_dict()
+            info["scores"] = localize_heads(self.folder, model.cpu()).to_dict()  # scores are computed on the CPU
             del model
             info["task_model"] = {**record, **self.stamp("task models", time.perf_counter() - t)}
             log(f"{task}: task model best at step {record['best_step']} ({record['stopped_by']}), test EM "
@@ -457,10 +458,8 @@ class Runner:
                 break
             self.state(task)
         if not self.result.get("stopped_at_deadline") and self.curves() is not None:
-            for method in TUNED:
-                if self.lr_for(method) is None:
-                    break
-            # the bf16 check first (its bf16 half is the tune task's ALPS seeds, central runs anyway): every later
+            # rates are tuned when a method's first run comes (lr_for), so a deadline cuts the tuning of the last
+            # rows with their runs; the bf16 check first (its bf16 half is the tune task's ALPS seeds, central runs anyway): every later
             # run relies on it
             checked = all(self.run(self.setup.tune_task, CENTRAL["heads"][0], sd, "central, heads")
                           for sd in self.setup.seeds) and self.bf16_check()
@@ -519,7 +518,8 @@ def render(result: dict[str, Any]) -> str:
         lines += render_task(result, task)
     lines += render_bf16(result) + render_stages(result)
     if result.get("env"):
-        lines.append(C.produced_by(result["env"], f" in {result.get('elapsed_s', 0) / 60:.1f} min of running"))
+        lines.append(C.produced_by(result["env"], f" in {result.get('elapsed_s', 0) / 60:.1f} min of running, on "
+                                                  f"{result.get('device', 'cpu')}"))
     for r in result.get("resumed", []):
         lines.append(f"Resumed after {r['after_s'] / 60:.1f} min by `{r['command']}` at {r['utc']} UTC.")
     return "\n".join(lines) + "\n"
@@ -602,8 +602,9 @@ def render_lrs(result: dict[str, Any]) -> list[str]:
     if not result.get("tuning"):
         return []
     rows = []
-    for m, trials in result["tuning"].items():
-        tried = ", ".join(f"{t['lr']:g}: {t['dev']['loss']:.3f}" for t in sorted(trials, key=lambda t: t["lr"]))
+    for m in TUNED:
+        trials = result["tuning"].get(m, [])
+        tried = ", ".join(f"{t['lr']:g}: {t['dev']['loss']:.3f}" for t in sorted(trials, key=lambda t: t["lr"])) or "not yet"
         chosen = result["lr"].get(m)
         inside = result.get("lr_interior", {}).get(m)
         rows.append([METHODS[m][2] + f" ({READINGS[METHODS[m][0]].split(' (')[0]})", tried,
@@ -712,6 +713,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+")
     p.add_argument("--fp32", action="store_true", help="train in float32 instead of bf16 autocast")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="where to train: cpu (default) or cuda (the same design on a GPU; "
+                   "its results go to their own JSON, e.g. --stem reproduce_converged_smollm2_gpu)")
     p.add_argument("--deadline", help="stop starting runs after this UTC time (HH:MM); the report is then partial")
     p.add_argument("--out", type=Path, default=C.RESULTS)
     p.add_argument("--stem")
@@ -737,6 +740,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.setup = Setup(**values)
     args.stem = args.stem or ("reproduce_converged_quick" if args.quick else "reproduce_converged_smollm2")
     args.previous = R.resume_json(p, args)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device here; use --device cpu")
+    if args.previous is not None and args.previous.get("device", "cpu") != args.device:
+        p.error(f"--resume {args.resume}: that run trained on {args.previous.get('device', 'cpu')!r}, not "
+                f"{args.device!r}; results of two devices do not mix, start a new --stem instead")
     args.deadline = R._deadline(args.deadline)
     return args
 
@@ -751,6 +759,7 @@ def main(argv=None) -> dict[str, Any]:
     setup = args.setup
     folder = R.model_folder("smollm2-135m" if setup.tiny else setup.model)
     base, tokenizer, base_folder = R.load_base(R.Setup(tiny=setup.tiny), folder)
+    base.to(args.device)
     R.PAD[0] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if args.previous is not None:
         result = args.previous
@@ -758,7 +767,8 @@ def main(argv=None) -> dict[str, Any]:
                                                  "commit": env["git_commit"], "after_s": result.get("elapsed_s", 0.0)})
     else:
         result = {"model_name": "tiny random Llama (SmolLM2 tokenizer)" if setup.tiny else setup.model,
-                  "setup": R.setup_record(setup), "env": env, "lr": {}, "lr_interior": {}, "tuning": {},
+                  "setup": R.setup_record(setup), "device": args.device, "env": env, "lr": {}, "lr_interior": {},
+                  "tuning": {},
                   "tasks": {}, "base_params": sum(p.numel() for p in base.parameters())}
     args.out.mkdir(parents=True, exist_ok=True)
     runner = Runner(setup, args, base, tokenizer, base_folder, result)

@@ -149,7 +149,8 @@ def train(model, items, setup: Setup, lr: float, seed: int, steps: int | None = 
           every: int = 0, probe: Callable[[int], bool | None] | None = None, floor: float = 0.1,
           bf16: bool = False) -> list[float]:
     """AdamW (0.9, 0.999, no weight decay), linear warm-up then cosine to ``floor`` of the peak rate (1.0: constant
-    after the warm-up), clip 1.0 (the toy reproduction's); ``bf16``: the forward pass under CPU bf16 autocast.
+    after the warm-up), clip 1.0 (the toy reproduction's); ``bf16``: the forward pass under bf16 autocast (on the
+    model's device).
 
     With ``every`` and ``probe``, ``probe(step)`` runs after every ``every`` steps (the learning curve); training
     stops early when it returns True."""
@@ -159,10 +160,11 @@ def train(model, items, setup: Setup, lr: float, seed: int, steps: int | None = 
     sched = schedule(optimizer, steps, floor=floor)
     model.train()
     losses = []
+    device = params[0].device.type
     for _, batch in zip(range(steps), D.batches(items, setup.batch, PAD[0], seed)):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=bf16):
             logits = D.answer_logits(model, batch)
-        loss = D.loss_of(logits, batch["labels"])
+        loss = D.loss_of(logits, batch["labels"].to(logits.device))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
