@@ -11,7 +11,7 @@ For each model (a tiny Llama built here, and SmolLM2-135M when ``peft_alps.model
 3. the same adapter exported with ``per_module_ranks=True``: PEFT reloads it exactly, llama.cpp does not (it keeps
    one ``lora_alpha`` and scales each tensor by alpha / its own rank; ``export_to_lora`` warns about it).
 
-Then what llama.cpp's converter says about a tiny Qwen2 adapter: the default export converts, a ``bias="heads"``
+Then what llama.cpp's converter says about a tiny Qwen2 adapter: the default export converts, an ``alps_bias=True`` (``"heads"``)
 export is refused (its ``lora_B.bias`` tensors).
 
 The converters live in the llama.cpp repository, not on PyPI as scripts, but llama-cpp-python's source
@@ -256,7 +256,7 @@ def check_model(name: str, work: Path, folder_cpp: Path, python: str, llama_cpp)
 
 
 def check_bias_refusal(work: Path, folder_cpp: Path, python: str) -> dict:
-    """What convert_lora_to_gguf.py says about a tiny Qwen2 adapter, default and bias="heads" (config-only base)."""
+    """What convert_lora_to_gguf.py says about a tiny Qwen2 adapter, default and alps_bias=True (config-only base)."""
     import transformers
 
     from peft_alps import export_to_lora
@@ -270,10 +270,10 @@ def check_bias_refusal(work: Path, folder_cpp: Path, python: str) -> dict:
     out = {}
     for bias in ("none", "heads"):
         model = alps_with_random_deltas(transformers.AutoModelForCausalLM.from_config(config), {0: [1], 1: [0, 3]},
-                                        0.1, bias=bias)
+                                        0.1, alps_bias=bias == "heads")
         lora_dir = work / "qwen2" / f"lora-{bias}"
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # bias="heads": the warning this check backs up
+            warnings.simplefilter("ignore")  # alps_bias=True: the warning this check backs up
             export_to_lora(model, lora_dir)
         done = convert(python, folder_cpp / "convert_lora_to_gguf.py", "--base", str(base_dir), "--outtype", "f32",
                        "--outfile", str(work / "qwen2" / f"lora-{bias}.gguf"), str(lora_dir))

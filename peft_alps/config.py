@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -12,10 +13,12 @@ from .registration import ensure_peft_type
 
 TargetHeads = Union[Mapping[int, Iterable[int]], Iterable[tuple[int, int]]]
 
-#: Valid ``AlpsConfig.bias`` values: ``"none"`` trains the selected heads' weight slices only (the paper's
-#: θ_h = W_q, W_k, W_v slices, and what serving engines accept); ``"heads"`` also trains those heads' bias entries
-#: where the base projection has a bias (Qwen2 q/k/v, GPT-2 c_attn, ...).
-BIAS_OPTIONS = ("none", "heads")
+#: Valid ``AlpsConfig.bias`` values, with PEFT's meaning (as for LoRA): the base model's own bias vectors, shared
+#: by every adapter: ``"none"`` (default) trains none, ``"all"`` every bias of the model, ``"alps_only"`` the biases
+#: of the projections ALPS wraps. The selected heads' own bias slices are ``alps_bias=True``.
+BIAS_OPTIONS = ("none", "all", "alps_only")
+#: The value ``bias`` took before ``alps_bias`` existed, for the heads' own bias slices; still read.
+LEGACY_HEADS_BIAS = "heads"
 
 
 def normalize_target_heads(target_heads: Any) -> dict[int, list[int]]:
@@ -63,17 +66,25 @@ def normalize_target_heads(target_heads: Any) -> dict[int, list[int]]:
     return {layer: sorted(heads) for layer, heads in sorted(result.items())}
 
 
-def _resolve_bias(bias: Any, saved: bool) -> str:
-    """Check ``bias``; ``None`` means ``"none"`` for a new config, and ``"heads"`` for a saved one (it has a recorded
-    ``head_layout``) that predates the field: those adapters trained bias entries wherever the base had a bias."""
+def _resolve_bias(bias: Any, alps_bias: bool, saved: bool) -> tuple[str, bool]:
+    """``(bias, alps_bias)`` from what a config was given or saved with.
+
+    ``bias`` has PEFT's values. Two older forms are still read: a saved config without the field (it has a recorded
+    ``head_layout``: those adapters trained the heads' bias slices wherever the base had a bias), and
+    ``bias="heads"``, the value the heads' bias slices had before ``alps_bias``; both mean ``alps_bias=True``."""
     if bias is None:
-        return "heads" if saved else "none"
+        return "none", True if saved else bool(alps_bias)
+    if bias == LEGACY_HEADS_BIAS:
+        if not saved:
+            warnings.warn("AlpsConfig(bias='heads') is now AlpsConfig(alps_bias=True): bias takes PEFT's values "
+                          f"{list(BIAS_OPTIONS)}, for the base model's own biases", DeprecationWarning, stacklevel=4)
+        return "none", True
     if bias not in BIAS_OPTIONS:
         raise ValueError(
-            f"bias={bias!r} is not valid for ALPS; use one of {list(BIAS_OPTIONS)}: 'none' trains the heads' weight "
-            "slices only (the default, servable by vLLM/llama.cpp), 'heads' also their bias entries"
+            f"bias={bias!r} is not valid for ALPS; use one of {list(BIAS_OPTIONS)} (PEFT's meaning, as for LoRA: which "
+            "of the base model's own biases train), and alps_bias=True to train the selected heads' bias slices"
         )
-    return bias
+    return bias, bool(alps_bias)
 
 
 def _as_index(value: Any, what: str) -> int:
@@ -109,11 +120,14 @@ class AlpsConfig(PeftConfig):
         exclude_modules (`list[str]` or `str`, *optional*):
             Module names to leave alone, as in LoRA.
         bias (`str`):
-            ``"none"`` (default, as in LoRA and the paper): train only the selected heads' weight slices.
-            ``"heads"``: also train the selected heads' bias entries of projections that have a bias (q/k/v of
-            Qwen2, GPT-2's fused ``c_attn``, ...). vLLM and llama.cpp refuse LoRA biases, so an export of such an
-            adapter does not serve there (``export_to_lora`` warns). A saved ``adapter_config.json`` without this
-            field was written before it existed, when bias entries were always trained: it loads as ``"heads"``.
+            PEFT's meaning, as for LoRA: which of the base model's own bias vectors train, shared by every adapter.
+            ``"none"`` (default): none. ``"all"``: every bias of the model. ``"alps_only"``: the biases of the
+            projections ALPS wraps. Only one adapter of a model may have a bias other than ``"none"``.
+        alps_bias (`bool`):
+            Also train the selected heads' own bias slices (a per-adapter delta, like the weight slices) where the
+            projection has a bias (q/k/v of Qwen2, GPT-2's fused ``c_attn``, ...). Default ``False``. vLLM and
+            llama.cpp refuse LoRA biases, so an export of such an adapter does not serve there (``export_to_lora``
+            warns). Configs saved as ``bias="heads"``, or before ``bias`` existed, load with ``alps_bias=True``.
         init_weights (`bool`):
             Start the deltas at zero (default), so that the adapted model equals the base model. ``False`` draws
             small random deltas; this is for tests only.
@@ -150,10 +164,12 @@ class AlpsConfig(PeftConfig):
     )
     bias: Optional[str] = field(
         default=None,
-        metadata={
-            "help": "'none' (default): train weight slices only. 'heads': also train the selected heads' bias "
-            "entries where the base has a bias (not servable by vLLM/llama.cpp)."
-        },
+        metadata={"help": "PEFT's meaning: which base-model biases train, 'none' (default), 'all' or 'alps_only'."},
+    )
+    alps_bias: bool = field(
+        default=False,
+        metadata={"help": "Also train the selected heads' own bias slices where the projection has a bias (not "
+                  "servable by vLLM/llama.cpp)."},
     )
     init_weights: bool = field(
         default=True, metadata={"help": "Zero-initialise the deltas (identity at init). False is for tests only."}
@@ -183,7 +199,7 @@ class AlpsConfig(PeftConfig):
         self.peft_type = ensure_peft_type()
         self._resolve_head_scores()
         self.target_heads = normalize_target_heads(self.target_heads)
-        self.bias = _resolve_bias(self.bias, saved=self.head_layout is not None)
+        self.bias, self.alps_bias = _resolve_bias(self.bias, self.alps_bias, saved=self.head_layout is not None)
         if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, (list, tuple)):

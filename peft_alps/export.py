@@ -6,7 +6,7 @@ A head-slice delta is already a low-rank product with a selection matrix, so no 
   ``ΔW = E_R @ D`` with ``E_R`` the ``[out, |R|]`` one-hot selection -> ``lora_B = E_R``, ``lora_A = D``;
 * columns ``C`` of an output projection, delta ``D`` of shape ``[out, |C|]``:
   ``ΔW = D @ E_C^T`` -> ``lora_B = D``, ``lora_A = E_C^T``;
-* bias entries of rows ``R`` (only adapters made with ``AlpsConfig(bias="heads")``): LoRA's ``lora_bias=True``,
+* bias entries of rows ``R`` (only adapters made with ``AlpsConfig(alps_bias=True)``): LoRA's ``lora_bias=True``,
   i.e. ``lora_B.bias``, written only for the modules that have bias deltas.
 
 LoRA computes ``lora_B(lora_A(x)) * lora_alpha / r``; with ``lora_alpha = r`` the scale is 1 and the products
@@ -89,11 +89,11 @@ def _factors(layer: AlpsLayer, adapter_name: str, dtype: Optional[torch.dtype]) 
 
 
 _BIAS_WARNING = (
-    "ALPS adapter {adapter!r} was trained with bias='heads'; its bias slices are exported as LoRA biases "
+    "ALPS adapter {adapter!r} was trained with alps_bias=True; its bias slices are exported as LoRA biases "
     "(lora_bias=True, lora_B.bias). PEFT loads them (and reports the lora_B.bias of modules without bias deltas as "
     "missing keys: they stay zero). Serving engines refuse them: vLLM says \"vLLM does not support LoRA bias\", "
     "llama.cpp's convert_lora_to_gguf.py says \"Not a lora_A or lora_B tensor\". To serve there, train with "
-    "AlpsConfig(bias='none') (the default)."
+    "AlpsConfig(alps_bias=False) (the default)."
 )
 _PATTERN_WARNING = (
     "exporting ALPS adapter {adapter!r} with per_module_ranks=True: PEFT and vLLM apply rank_pattern/alpha_pattern "

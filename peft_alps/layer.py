@@ -5,7 +5,7 @@ the layer stores
 
 * ``alps_delta[name]``: ``[len(index), in_features]`` for row slices, ``[out_features, len(index)]`` for
   column slices, in ``[out, in]`` orientation whatever the base layer's storage;
-* ``alps_bias[name]``: ``[len(index)]``, only with ``bias="heads"``, for row slices of a base layer that has a bias;
+* ``alps_bias[name]``: ``[len(index)]``, only with ``alps_bias=True``, for row slices of a base layer that has a bias;
 * ``alps_index[name]``: the row/column indices (a non-persistent buffer; it is rebuilt from the config's
   ``target_heads`` and never saved).
 

@@ -43,7 +43,7 @@ from torch import nn
 from . import compat
 from .config import AlpsConfig
 from .layer import AlpsLayer
-from .model import AlpsBiasMixin, AlpsModel, check_loaded_deltas
+from .model import AlpsModel, check_loaded_deltas
 from .registration import PREFIX, ensure_peft_type
 from .training import install_partial_backprop, uninstall_partial_backprop
 
@@ -166,7 +166,7 @@ _Base, _BASE_ERROR = _original_mixed_model()
 _BASE_FOUND = not _BASE_ERROR
 
 
-class AlpsMixedModel(AlpsBiasMixin, _Base):
+class AlpsMixedModel(_Base):
     """PEFT's ``MixedModel`` with ALPS support: each per-config step of an ALPS adapter runs ``AlpsModel``'s code
     (head-layout defaults, validation before any module is replaced, head-aware matching, head-sliced layers);
     every other adapter type takes PEFT's own path unchanged."""

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from peft.tuners.tuners_utils import (
@@ -194,44 +192,7 @@ def check_loaded_deltas(tuner: nn.Module, state_dict: dict[str, Any], prefix: st
             )
 
 
-@contextmanager
-def alps_bias_hidden_from_peft(configs: dict[str, Any]) -> Iterator[None]:
-    """While PEFT's generic tuner code runs, let ALPS configs read ``bias="none"``.
-
-    That code reads ``config.bias`` with LoRA's meaning: train the base layers' own biases, which all adapters share
-    (``"all"``, ``"lora_only"``), so it freezes or unfreezes base biases, refuses a second adapter with a bias, warns
-    that disabling such an adapter does not restore the base model, and raises on any other value. ALPS's
-    ``bias="heads"`` adds per-adapter bias deltas instead: adapter parameters like the weight deltas, never shared,
-    and disabled with the adapter. Other adapter types (LoRA in a mixed model) keep their own ``bias``.
-    """
-    alps = [(config, config.bias) for config in configs.values() if isinstance(config, AlpsConfig)]
-    for config, _ in alps:
-        config.bias = "none"
-    try:
-        yield
-    finally:
-        for config, bias in alps:
-            config.bias = bias
-
-
-class AlpsBiasMixin:
-    """The BaseTuner steps that read ``config.bias``, run with :func:`alps_bias_hidden_from_peft` (for
-    :class:`AlpsModel` and the mixed-model tuner)."""
-
-    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
-        with alps_bias_hidden_from_peft(self.peft_config):
-            super()._mark_only_adapters_as_trainable(model)
-
-    def _check_new_adapter_config(self, config: Any) -> None:
-        with alps_bias_hidden_from_peft(self.peft_config):
-            super()._check_new_adapter_config(config)
-
-    def disable_adapter_layers(self) -> None:
-        with alps_bias_hidden_from_peft(self.peft_config):
-            super().disable_adapter_layers()
-
-
-class AlpsModel(AlpsBiasMixin, BaseTuner):
+class AlpsModel(BaseTuner):
     """Creates an ALPS model: only the selected attention heads' slices of q/k/v/o are trainable.
 
     Example:
@@ -323,7 +284,7 @@ class AlpsModel(AlpsBiasMixin, BaseTuner):
                 )
             in_features, out_features = _get_in_out_features(base)
             axis, index = head_slice(projection.role, dims, peft_config.target_heads[layer_idx])
-            has_bias = peft_config.bias == "heads" and getattr(base, "bias", None) is not None
+            has_bias = peft_config.alps_bias and getattr(base, "bias", None) is not None
             expected.append((key, in_features, out_features, axis, len(index), has_bias))
         check_adapter_file(resolve_weights_file(source), expected_tensors(expected))
 
@@ -435,7 +396,7 @@ class AlpsModel(AlpsBiasMixin, BaseTuner):
             "axis": axis,
             "transposed": projection.transposed,
             "init_weights": peft_config.init_weights,
-            "train_bias": peft_config.bias == "heads",
+            "train_bias": peft_config.alps_bias,
             **get_quantization_kwargs(self.model),
         }
         if isinstance(target, AlpsLayer):

@@ -171,13 +171,14 @@ def _check_bias_setting(path: str, missing: list[str], unexpected: list[str]) ->
     if only_bias(unexpected) and not missing:
         raise ValueError(
             f"{path} holds bias deltas ({len(unexpected)} alps_bias tensors, e.g. {unexpected[0]!r}), but its "
-            "adapter_config.json has bias='none'. The adapter was trained with bias='heads': set \"bias\": \"heads\" "
-            "in adapter_config.json, or save config and weights together with model.save_pretrained(...)."
+            "adapter_config.json has alps_bias=false. The adapter was trained with alps_bias=True: set "
+            "\"alps_bias\": true in adapter_config.json, or save config and weights together with "
+            "model.save_pretrained(...)."
         )
     if only_bias(missing) and not unexpected:
         raise ValueError(
-            f"{path} has no bias deltas (e.g. {missing[0]!r}), but its adapter_config.json has bias='heads'. "
-            "The adapter was trained with bias='none': set \"bias\": \"none\" in adapter_config.json."
+            f"{path} has no bias deltas (e.g. {missing[0]!r}), but its adapter_config.json has alps_bias=true. "
+            "The adapter was trained without them: set \"alps_bias\": false in adapter_config.json."
         )
 
 

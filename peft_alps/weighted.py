@@ -89,7 +89,7 @@ def combined_config(configs: dict[str, AlpsConfig], weights: Sequence[float]) ->
         first,
         target_heads={layer: sorted(h) for layer, h in sorted(heads.items())},
         target_modules=target_modules,
-        bias="heads" if any(c.bias == "heads" for c in configs.values()) else first.bias,  # keep every bias slice
+        alps_bias=any(c.alps_bias for c in configs.values()),  # keep every bias slice
         init_weights=True,
         head_scores=None,
         ratio=None,

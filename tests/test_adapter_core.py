@@ -89,16 +89,16 @@ def test_identity_at_init_and_untouched_layers_unwrapped():
     assert type(model.base_model.model.model.layers[1].self_attn.q_proj) is torch.nn.Linear
 
 
-def test_qwen2_default_trains_no_bias_and_bias_heads_trains_the_head_bias_slices():
+def test_qwen2_default_trains_no_bias_and_alps_bias_trains_the_head_bias_slices():
     heads = {0: [1], 1: [0, 3]}
     d, hidden, group = 16, 64, 2
     weights = expected_trainable(heads, 4, 2, d, hidden)
     default = get_peft_model(tiny_qwen2(), AlpsConfig(target_heads=heads))
-    assert default.peft_config["default"].bias == "none"
+    assert default.peft_config["default"].bias == "none" and default.peft_config["default"].alps_bias is False
     assert n_trainable(default) == weights  # as in LoRA and the paper: the heads' W_q/W_k/W_v (and W_o) slices only
     assert not any(".alps_bias." in n for n, _ in default.named_parameters())
 
-    model = get_peft_model(tiny_qwen2(), AlpsConfig(target_heads=heads, bias="heads"))
+    model = get_peft_model(tiny_qwen2(), AlpsConfig(target_heads=heads, alps_bias=True))
     biases = sum(len(h) * d + 2 * len({x // group for x in h}) * d for h in heads.values())  # q, k, v biases
     assert n_trainable(model) == weights + biases
     q = model.base_model.model.model.layers[0].self_attn.q_proj
@@ -106,78 +106,101 @@ def test_qwen2_default_trains_no_bias_and_bias_heads_trains_the_head_bias_slices
     assert "default" not in model.base_model.model.model.layers[0].self_attn.o_proj.alps_bias  # o's bias is not per head
 
 
-def test_bias_heads_is_per_adapter_for_peft_several_adapters_mixed_models_and_disabling():
-    """PEFT's generic code reads ``bias`` as LoRA's (shared base biases): it would refuse a second adapter with a
-    bias, warn on disabling and raise on "heads". ALPS bias deltas belong to their adapter, so none of that applies;
-    a LoRA next to ALPS in a mixed model keeps its own bias setting."""
+def test_alps_bias_is_per_adapter_for_peft_several_adapters_mixed_models_and_disabling():
+    """The heads' bias slices belong to their adapter (not PEFT's shared ``bias``): several adapters may have them,
+    disabling restores the base exactly without a warning, and a LoRA next to ALPS in a mixed model keeps its own
+    ``bias``."""
     import warnings
 
     from peft import LoraConfig
 
     base = tiny_qwen2()
     ref = logits(base)
-    model = get_peft_model(base, AlpsConfig(target_heads={0: [1]}, bias="heads", init_weights=False))
-    model.add_adapter("other", AlpsConfig(target_heads={1: [0]}, bias="heads", init_weights=False))
+    model = get_peft_model(base, AlpsConfig(target_heads={0: [1]}, alps_bias=True, init_weights=False))
+    model.add_adapter("other", AlpsConfig(target_heads={1: [0]}, alps_bias=True, init_weights=False))
     q = model.base_model.model.model.layers[0].self_attn.q_proj
     assert q.alps_bias["default"].requires_grad and not q.base_layer.bias.requires_grad
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with model.disable_adapter():
             assert torch.equal(logits(model), ref)
-    assert model.peft_config["default"].bias == model.peft_config["other"].bias == "heads"
+    assert model.peft_config["default"].alps_bias and model.peft_config["other"].alps_bias
 
     mixed = get_peft_model(tiny_qwen2(), LoraConfig(r=2, target_modules=["v_proj"], bias="all"), "lora", mixed=True)
-    mixed.add_adapter("alps", AlpsConfig(target_heads={0: [1]}, bias="heads"))
+    mixed.add_adapter("alps", AlpsConfig(target_heads={0: [1]}, alps_bias=True))
     mixed.set_adapter(["lora", "alps"])
     trainable = {n for n, p in mixed.named_parameters() if p.requires_grad}
     assert any(".alps_bias.alps" in n for n in trainable)
     assert "base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias" in trainable  # LoRA's bias="all"
 
 
-@pytest.mark.parametrize("bad", ["all", "lora_only", "", True, "Heads"])
+@pytest.mark.parametrize("bad", ["lora_only", "", True, "Heads"])
 def test_bad_bias_rejected_at_config_time_listing_the_valid_values(bad):
-    with pytest.raises(ValueError, match=rf"bias={bad!r} is not valid for ALPS; use one of \['none', 'heads'\]"):
+    with pytest.raises(ValueError, match=rf"bias={bad!r} is not valid for ALPS; use one of \['none', 'all', "
+                                         r"'alps_only'\].*alps_bias=True"):
         AlpsConfig(target_heads={0: [0]}, bias=bad)
+
+
+@pytest.mark.parametrize("bias, trained", [("all", {"q_proj", "k_proj", "v_proj"}), ("alps_only", {"q_proj"})])
+def test_bias_has_peft_meaning_the_base_models_shared_biases(bias, trained, tmp_path):
+    """As for LoRA: "all" trains every bias of the model, "alps_only" those of the wrapped projections; they are saved
+    with the adapter and reload (PEFT's own code), and only one adapter of a model may have one."""
+    model = get_peft_model(tiny_qwen2(), AlpsConfig(target_heads={0: [1]}, target_modules=["q_proj"], bias=bias))
+    grads = {n.replace(".base_layer", "").split(".")[-2] for n, p in model.named_parameters()
+             if p.requires_grad and n.endswith(".bias")}
+    assert grads == trained and not any(".alps_bias." in n for n, _ in model.named_parameters())
+    train_steps(model, steps=2)
+    expected = logits(model)
+    model.save_pretrained(tmp_path)
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(tiny_qwen2(), tmp_path)), expected, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="supports only 1 adapter with bias"):
+        model.add_adapter("other", AlpsConfig(target_heads={1: [0]}, bias=bias))
+
+
+def test_bias_heads_is_read_as_alps_bias_and_warns_for_new_configs():
+    with pytest.warns(DeprecationWarning, match=r"bias='heads'\) is now AlpsConfig\(alps_bias=True\)"):
+        config = AlpsConfig(target_heads={0: [1]}, bias="heads")
+    assert (config.bias, config.alps_bias) == ("none", True)
 
 
 def _drop_bias_field(adapter_dir):
     """Make ``adapter_dir`` look saved by a version before ``bias`` existed (it always trained bias slices)."""
     path = adapter_dir / "adapter_config.json"
     raw = json.loads(path.read_text())
-    assert raw.pop("bias") == "heads"
+    assert raw.pop("bias") == "none" and raw.pop("alps_bias") is True
     path.write_text(json.dumps(raw))
 
 
 def test_adapter_saved_before_the_bias_field_loads_as_trained_with_bias_slices(tmp_path):
     from peft import PeftConfig
 
-    model = get_peft_model(tiny_qwen2(), AlpsConfig(target_heads={0: [1], 1: [0, 3]}, bias="heads"))
+    model = get_peft_model(tiny_qwen2(), AlpsConfig(target_heads={0: [1], 1: [0, 3]}, alps_bias=True))
     train_steps(model, steps=2)
     expected = logits(model)
     model.save_pretrained(tmp_path)
     _drop_bias_field(tmp_path)
-    assert PeftConfig.from_pretrained(tmp_path).bias == "heads"  # the generic loader (transformers' load_adapter)
-    assert AlpsConfig.from_pretrained(tmp_path).bias == "heads"
+    assert PeftConfig.from_pretrained(tmp_path).alps_bias is True  # the generic loader (transformers' load_adapter)
+    assert AlpsConfig.from_pretrained(tmp_path).alps_bias is True
     reloaded = PeftModel.from_pretrained(tiny_qwen2(), tmp_path)
-    assert reloaded.peft_config["default"].bias == "heads"
+    assert (reloaded.peft_config["default"].bias, reloaded.peft_config["default"].alps_bias) == ("none", True)
     assert torch.equal(logits(reloaded), expected)
     assert AlpsConfig(target_heads={0: [1]}).bias == "none"  # a new config without the field is the default
 
 
 def test_bias_setting_that_does_not_fit_the_saved_weights_is_named(tmp_path):
-    model = get_peft_model(tiny_qwen2(), AlpsConfig(target_heads={0: [1]}, bias="heads"))
+    model = get_peft_model(tiny_qwen2(), AlpsConfig(target_heads={0: [1]}, alps_bias=True))
     model.save_pretrained(tmp_path / "heads")
     raw = json.loads((tmp_path / "heads" / "adapter_config.json").read_text())
-    raw["bias"] = "none"
+    raw["alps_bias"] = False
     (tmp_path / "heads" / "adapter_config.json").write_text(json.dumps(raw))
-    with pytest.raises(ValueError, match=r"holds bias deltas \(3 alps_bias tensors.*has bias='none'.*\"bias\": \"heads\""):
+    with pytest.raises(ValueError, match=r"holds bias deltas \(3 alps_bias tensors.*has alps_bias=false.*\"alps_bias\": true"):
         PeftModel.from_pretrained(tiny_qwen2(), tmp_path / "heads")
 
     get_peft_model(tiny_qwen2(), AlpsConfig(target_heads={0: [1]})).save_pretrained(tmp_path / "none")
     raw = json.loads((tmp_path / "none" / "adapter_config.json").read_text())
-    raw["bias"] = "heads"
+    raw["alps_bias"] = True
     (tmp_path / "none" / "adapter_config.json").write_text(json.dumps(raw))
-    with pytest.raises(ValueError, match=r"has no bias deltas.*has bias='heads'.*\"bias\": \"none\""):
+    with pytest.raises(ValueError, match=r"has no bias deltas.*has alps_bias=true.*\"alps_bias\": false"):
         PeftModel.from_pretrained(tiny_qwen2(), tmp_path / "none")
 
 

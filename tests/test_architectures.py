@@ -168,7 +168,7 @@ FAMILIES = [
            auto="AutoModelForMaskedLM"),
 ]
 IDS = [f.name for f in FAMILIES]
-# every family with the default bias="none", and the families whose projections have biases with bias="heads"
+# every family with the default alps_bias=False, and the families whose projections have biases with alps_bias=True ("heads")
 BIAS_CASES = [pytest.param(f, "none", id=f.name) for f in FAMILIES] + [
     pytest.param(f, "heads", id=f"{f.name}-bias_heads") for f in FAMILIES if f.bias
 ]
@@ -295,7 +295,7 @@ def state(model):
 def test_default_targets_identity_and_trainable_count(fam, bias):
     base = fam.build()
     ref = logits(base)
-    model = get_peft_model(base, AlpsConfig(target_heads=HEADS, bias=bias))
+    model = get_peft_model(base, AlpsConfig(target_heads=HEADS, alps_bias=bias == "heads"))
 
     wrapped = {n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, peft_alps.AlpsLayer)}
     expected = {n for n, _ in base.named_modules() if (k := attention_key(fam, n + ".weight")) and k[0] in HEADS}
@@ -313,7 +313,7 @@ def test_training_moves_output_merge_matches_and_touches_only_selected_slices(fa
     base = fam.build()
     before = state(base)
     ref = logits(base)
-    model = train(get_peft_model(base, AlpsConfig(target_heads=HEADS, bias=bias)))
+    model = train(get_peft_model(base, AlpsConfig(target_heads=HEADS, alps_bias=bias == "heads")))
     unmerged = logits(model)
     assert not torch.allclose(unmerged, ref, atol=1e-4)
     merged = model.merge_and_unload()
@@ -325,7 +325,7 @@ def test_training_moves_output_merge_matches_and_touches_only_selected_slices(fa
 def test_merge_changes_exactly_the_selected_slices_and_delta_weight_orientation(fam, bias):
     base = fam.build()
     before = state(base)
-    model = get_peft_model(base, AlpsConfig(target_heads=HEADS, init_weights=False, bias=bias))
+    model = get_peft_model(base, AlpsConfig(target_heads=HEADS, init_weights=False, alps_bias=bias == "heads"))
     deltas = {
         n.removeprefix("base_model.model."): m.get_delta_weight("default")
         for n, m in model.named_modules()

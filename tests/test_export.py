@@ -205,7 +205,7 @@ def test_padded_rank_gives_same_outputs(tmp_path):
 FAMILIES = ["llama", "qwen2", "phi3", "gpt2"]
 BIASED = ["qwen2", "gpt2"]  # bases whose attention projections have biases
 PATTERN_WARNING = r"llama\.cpp applies the one global lora_alpha=\d+ to every module"
-BIAS_WARNING = r'bias=\'heads\'.*"vLLM does not support LoRA bias".*"Not a lora_A or lora_B tensor"'
+BIAS_WARNING = r'alps_bias=True.*"vLLM does not support LoRA bias".*"Not a lora_A or lora_B tensor"'
 
 RELOAD_WITHOUT_PEFT_ALPS = textwrap.dedent(
     """
@@ -238,7 +238,7 @@ RELOAD_WITHOUT_PEFT_ALPS = textwrap.dedent(
 def test_default_exports_have_no_bias_and_reload_exactly_without_peft_alps(tmp_path):
     """Every family, Qwen2 and GPT-2 included: the default adapter (bias="none") exports without lora_bias and
     without any bias tensor, and plain PEFT in a process that never imports peft_alps reproduces the ALPS logits,
-    unmerged and merged. A bias="heads" adapter of the biased families still reloads exactly (unmerged)."""
+    unmerged and merged. An alps_bias=True adapter of the biased families still reloads exactly (unmerged)."""
     cases = []
     x = ids(seed=7)
     torch.save(x, tmp_path / "ids.pt")
@@ -257,7 +257,7 @@ def test_default_exports_have_no_bias_and_reload_exactly_without_peft_alps(tmp_p
             assert not [k for k in keys if "bias" in k], f"{family}/{mode}"
             cases.append((family, mode, True))
         if family in BIASED:
-            heads = alps_model(family, bias="heads")
+            heads = alps_model(family, alps_bias=True)
             torch.save(logits(heads, x), tmp_path / family / "expected_heads.pt")
             with pytest.warns(UserWarning, match=BIAS_WARNING):
                 export_to_lora(heads, tmp_path / family / "heads")
@@ -273,10 +273,10 @@ def test_default_exports_have_no_bias_and_reload_exactly_without_peft_alps(tmp_p
 
 @pytest.mark.parametrize("family", BIASED)
 def test_bias_heads_export_warns_and_writes_biases_only_where_there_are_bias_deltas(family, tmp_path):
-    model = alps_model(family, bias="heads")
+    model = alps_model(family, alps_bias=True)
     with pytest.warns(UserWarning, match=BIAS_WARNING) as caught:
         export_to_lora(model, tmp_path)
-    assert "bias='none'" in str(caught[0].message)  # the way out
+    assert "alps_bias=False" in str(caught[0].message)  # the way out
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["lora_bias"] is True
     sd = load_file(tmp_path / "adapter_model.safetensors")
@@ -417,7 +417,7 @@ def test_serving_check_catches_what_the_engines_refuse(tmp_path):
     assert found["llama.cpp"] and all("llama.cpp scales by 16/8" in p for p in found["llama.cpp"])  # k/v: rank 8
 
     with pytest.warns(UserWarning, match=BIAS_WARNING):
-        export_to_lora(alps_model("qwen2", bias="heads"), tmp_path / "bias")
+        export_to_lora(alps_model("qwen2", alps_bias=True), tmp_path / "bias")
     found = serving_problems(tmp_path / "bias")
     assert "does not support LoRA bias" in found["vllm"]
     assert any("lora_B.bias: Not a lora_A or lora_B tensor" in p for p in found["llama.cpp"])

@@ -214,11 +214,7 @@ class TestPeftCommon(testing_common.PeftCommonTester):
         self._test_delete_inactive_adapter(model_id, *method)
 
     def test_adding_multiple_adapters_with_bias_raises(self, model_id, method):
-        if method[0] is AlpsConfig:
-            # PEFT's harness sets LoRA's bias="all" (shared base biases, hence one adapter only). ALPS refuses that
-            # value (ValueError naming 'none'/'heads'), and its bias="heads" slices are per adapter, so several
-            # adapters with biases are fine: the refusal this test checks does not exist for ALPS.
-            pytest.skip("ALPS has no bias='all'; its bias slices are per adapter (nothing to refuse)")
+        # bias has PEFT's meaning for ALPS too (bias="all": the base model's shared biases), so PEFT's own rule holds
         self._test_adding_multiple_adapters_with_bias_raises(model_id, *method)
 
     def test_unload_adapter(self, model_id, method):

@@ -98,10 +98,10 @@ def test_fused_transposed_family_with_biases():
                                      bos_token_id=0, eos_token_id=0)
     base = transformers.GPT2LMHeadModel(config).eval()
     model = get_peft_model(base, AlpsConfig(target_heads={0: [1], 2: [0, 3]}), adapter_name="math")
-    model.add_adapter("code", AlpsConfig(target_heads={1: [2], 2: [3]}, bias="heads"))
+    model.add_adapter("code", AlpsConfig(target_heads={1: [2], 2: [3]}, alps_bias=True))
     randomize(model)
     model.add_weighted_adapter(["math", "code"], [-0.4, 1.5], "mix")
-    assert model.peft_config["mix"].bias == "heads"  # code's bias slices are part of the sum
+    assert model.peft_config["mix"].alps_bias  # code's bias slices are part of the sum
     assert any(name.endswith("alps_bias.mix") for name, _ in model.named_parameters())
     assert oracle_error(model, ["math", "code"], [-0.4, 1.5], "mix") <= 1e-6
 
