@@ -130,3 +130,15 @@ def test_resume_reruns_only_the_missing_runs(tmp_path, smollm2_folder):
     assert redone[1]["test"]["loss"] == pytest.approx(original[1]["test"]["loss"], rel=1e-4)  # same seed, same run
     assert len(again["tasks"]["instruct"]["runs"]["p_lc"]) == len(again["setup"]["seeds"])
     assert "Resumed after" in (tmp_path / "rc.md").read_text()
+
+
+def test_bf16_step_benchmark_measures_every_arm(tmp_path, smollm2_folder):
+    from benchmarks import bf16_step
+
+    result = bf16_step.main(["--quick", "--out", str(tmp_path / "b")])
+    assert set(result["arms"]) == set(bf16_step.ARMS)
+    for arm, r in result["arms"].items():
+        assert r["fp32_s"] > 0 and r["bf16_s"] > 0 and r["train_peak_bytes"] > 0, arm
+    assert result["arms"]["p_full"]["added_param_bytes"] == 0  # trains the base's own tensors
+    assert result["arms"]["p_alps"]["added_param_bytes"] > result["arms"]["h_alps"]["added_param_bytes"] > 0
+    assert (tmp_path / "b.md").read_text().startswith("# bf16 autocast vs float32")
