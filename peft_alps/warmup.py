@@ -332,6 +332,40 @@ def warmup(
         output_dir: when given, the checkpoint is saved there (and ``.path`` set).
         progress: show a tqdm bar with the running loss.
     """
+    fraction = _check_options(steps, fraction, lr, batch_size, optimizer, projections, warmup_ratio, min_lr_ratio)
+    model, base_id = _load_model(model)
+    modules = attention_modules(model, projections)  # validates the architecture before any data work
+    config = model.config
+    limit = max_length if max_length is not None else getattr(config.get_text_config(), "max_position_embeddings", None)
+    examples = _check_lengths(_as_examples(train_dataset, tokenizer), limit, truncate)
+    if not any(label != IGNORE_INDEX for ex in examples for label in ex["labels"][1:]):
+        raise DataError("no example has a supervised token after the first position; nothing to learn from")
+    batches = _batches(len(examples), batch_size, steps, fraction, seed)
+
+    state = _ModelState(model)
+    try:
+        trained = _attach_trainable(model, modules, in_place)
+        factor = _schedule(len(batches), warmup_ratio, min_lr_ratio)
+        handles, schedulers = _optimizer_in_backward(trained, optimizer, lr, weight_decay, factor)
+        state.hooks += handles
+        if gradient_checkpointing and not state.checkpointing:
+            _set_checkpointing(model, True)
+        losses = _train(model, examples, batches, schedulers, lr, progress)
+        tensors = _trained_tensors(modules, trained)
+    finally:
+        state.restore(modules, gradient_checkpointing)
+
+    result = WarmupCheckpoint(tensors=tensors, config=config, metadata=_metadata(
+        config, base_id, projections, tensors, examples, batches, losses, fraction=fraction, batch_size=batch_size,
+        lr=lr, weight_decay=weight_decay, optimizer=optimizer, gradient_checkpointing=gradient_checkpointing,
+        seed=seed, in_place=in_place))
+    if output_dir is not None:
+        result.save(output_dir)
+    return result
+
+
+def _check_options(steps, fraction, lr, batch_size, optimizer, projections, warmup_ratio, min_lr_ratio) -> float | None:
+    """Every option checked before anything is loaded; returns ``fraction`` (0.1 when neither it nor ``steps``)."""
     if steps is not None and fraction is not None:
         raise ValueError("pass either steps or fraction, not both")
     if steps is None and fraction is None:
@@ -351,136 +385,144 @@ def warmup(
         raise ValueError(
             f"warmup_ratio must be in [0, 1) and min_lr_ratio in [0, 1]; got {warmup_ratio!r}, {min_lr_ratio!r}"
         )
+    return fraction
 
-    base_id = None
+
+def _load_model(model: nn.Module | str | os.PathLike) -> tuple[nn.Module, str | None]:
+    """The model (loaded when a folder is given) and the identifier the checkpoint records as its base."""
     if isinstance(model, (str, os.PathLike)):
         from transformers import AutoModelForCausalLM
 
-        base_id = str(model)
-        model = AutoModelForCausalLM.from_pretrained(model, dtype="auto")
-    modules = attention_modules(model, projections)  # validates the architecture before any data work
-    config = model.config
-    base_id = base_id or getattr(config, "_name_or_path", None) or None
+        return AutoModelForCausalLM.from_pretrained(model, dtype="auto"), str(model)
+    return model, getattr(model.config, "_name_or_path", None) or None
 
-    limit = max_length if max_length is not None else getattr(config.get_text_config(), "max_position_embeddings", None)
-    examples = _check_lengths(_as_examples(train_dataset, tokenizer), limit, truncate)
-    if not any(label != IGNORE_INDEX for ex in examples for label in ex["labels"][1:]):
-        raise DataError("no example has a supervised token after the first position; nothing to learn from")
-    batches = _batches(len(examples), batch_size, steps, fraction, seed)
-    total = len(batches)
-    pad_id = config.get_text_config().pad_token_id
-    pad_id = 0 if pad_id is None else pad_id
-    device = next(model.parameters()).device
 
-    was_training = model.training
-    requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
-    gc_was_on = _checkpointing_on(model)
-    trained: dict[str, nn.Parameter] = {}  # checkpoint name -> the tensor the optimizer updates
-    losses: list[float] = []
-    hooks = []
-    try:
-        model.requires_grad_(False)
-        for mod_name, module in modules.items():
-            for pname in ("weight", "bias"):
-                tensor = getattr(module, pname, None)
-                if not isinstance(tensor, torch.Tensor):
-                    continue
-                if in_place and tensor.dtype in (torch.float32, torch.float64):
-                    tensor.requires_grad_(True)  # train the weight itself: no delta, no copy
-                    trained[f"{mod_name}.{pname}"] = tensor
-                    continue
-                dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
-                parametrize.register_parametrization(module, pname, _FrozenPlusDelta(tensor, dtype))
-                trained[f"{mod_name}.{pname}"] = getattr(module.parametrizations, pname)[0].delta
+class _ModelState:
+    """What the warm-up changes on the model, recorded so that :meth:`restore` leaves it as it was."""
 
-        # Optimizer step inside backward: each delta is updated, and its gradient freed, as soon as it is final.
-        optimizers = {p: _make_optimizer(optimizer, [p], lr, weight_decay) for p in trained.values()}
-        factor = _schedule(total, warmup_ratio, min_lr_ratio)
-        schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in optimizers.values()]
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.training = model.training
+        self.requires_grad = {name: p.requires_grad for name, p in model.named_parameters()}
+        self.checkpointing = _checkpointing_on(model)
+        self.hooks: list[Any] = []
 
-        def step_and_free(param: torch.Tensor) -> None:
-            optimizers[param].step()
-            optimizers[param].zero_grad(set_to_none=True)
-
-        hooks = [p.register_post_accumulate_grad_hook(step_and_free) for p in trained.values()]
-
-        if gradient_checkpointing and not gc_was_on:
-            _set_checkpointing(model, True)
-        model.train()
-
-        from tqdm.auto import tqdm
-
-        with tqdm(batches, desc="warm-up (attention only)", unit="step", disable=not progress) as bar:
-            for indices in bar:
-                inputs = _collate([examples[i] for i in indices], pad_id, device)
-                loss = model(**inputs, use_cache=False).loss
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(
-                        f"warm-up loss became {loss.item()} at step {len(losses) + 1}; lower lr (now {lr})"
-                    )
-                loss.backward()
-                for scheduler in schedulers:
-                    scheduler.step()
-                losses.append(loss.item())
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-
-        tensors = {}
-        with torch.no_grad():
-            for mod_name, module in modules.items():
-                for pname in ("weight", "bias"):
-                    name = f"{mod_name}.{pname}"
-                    if name not in trained:
-                        continue
-                    plist = getattr(getattr(module, "parametrizations", None), pname, None)
-                    if plist is None:  # trained in place
-                        tensors[name] = trained[name].detach().cpu()
-                    else:
-                        tensors[name] = (plist.original.to(plist[0].delta.dtype) + plist[0].delta).cpu()
-    finally:
-        for handle in hooks:
+    def restore(self, modules: dict[str, nn.Module], gradient_checkpointing: bool) -> None:
+        for handle in self.hooks:
             handle.remove()
         for module in modules.values():
             for pname in list(getattr(module, "parametrizations", {}).keys()):
                 parametrize.remove_parametrizations(module, pname, leave_parametrized=False)
-        if gradient_checkpointing and not gc_was_on:
-            _set_checkpointing(model, False)
-        for name, p in model.named_parameters():
-            p.requires_grad_(requires_grad.get(name, p.requires_grad))
-        model.train(was_training)
+        if gradient_checkpointing and not self.checkpointing:
+            _set_checkpointing(self.model, False)
+        for name, p in self.model.named_parameters():
+            p.requires_grad_(self.requires_grad.get(name, p.requires_grad))
+        self.model.train(self.training)
 
+
+def _attach_trainable(model: nn.Module, modules: dict[str, nn.Module], in_place: bool) -> dict[str, nn.Parameter]:
+    """Freeze the model, then make each attention weight/bias trainable: in place (float32/64, ``in_place``) or
+    through a float32 delta parametrization. Returns checkpoint name -> the tensor the optimizer updates."""
+    model.requires_grad_(False)
+    trained: dict[str, nn.Parameter] = {}
+    for mod_name, module in modules.items():
+        for pname in ("weight", "bias"):
+            tensor = getattr(module, pname, None)
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            if in_place and tensor.dtype in (torch.float32, torch.float64):
+                tensor.requires_grad_(True)  # train the weight itself: no delta, no copy
+                trained[f"{mod_name}.{pname}"] = tensor
+                continue
+            dtype = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+            parametrize.register_parametrization(module, pname, _FrozenPlusDelta(tensor, dtype))
+            trained[f"{mod_name}.{pname}"] = getattr(module.parametrizations, pname)[0].delta
+    return trained
+
+
+def _optimizer_in_backward(trained: dict[str, nn.Parameter], optimizer: str, lr: float, weight_decay: float,
+                           factor) -> tuple[list[Any], list[Any]]:
+    """One optimizer per tensor, stepped inside backward as soon as its gradient is final (and the gradient freed
+    at once); returns the hook handles and the learning-rate schedulers."""
+    optimizers = {p: _make_optimizer(optimizer, [p], lr, weight_decay) for p in trained.values()}
+    schedulers = [torch.optim.lr_scheduler.LambdaLR(opt, factor) for opt in optimizers.values()]
+
+    def step_and_free(param: torch.Tensor) -> None:
+        optimizers[param].step()
+        optimizers[param].zero_grad(set_to_none=True)
+
+    return [p.register_post_accumulate_grad_hook(step_and_free) for p in trained.values()], schedulers
+
+
+def _train(model: nn.Module, examples: list[dict], batches: list, schedulers: list, lr: float,
+           progress: bool) -> list[float]:
+    from tqdm.auto import tqdm
+
+    config = model.config.get_text_config()
+    pad_id = 0 if config.pad_token_id is None else config.pad_token_id
+    device = next(model.parameters()).device
+    model.train()
+    losses: list[float] = []
+    with tqdm(batches, desc="warm-up (attention only)", unit="step", disable=not progress) as bar:
+        for indices in bar:
+            loss = model(**_collate([examples[i] for i in indices], pad_id, device), use_cache=False).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"warm-up loss became {loss.item()} at step {len(losses) + 1}; lower lr (now {lr})"
+                )
+            loss.backward()  # the optimizers step inside it (_optimizer_in_backward)
+            for scheduler in schedulers:
+                scheduler.step()
+            losses.append(loss.item())
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    return losses
+
+
+def _trained_tensors(modules: dict[str, nn.Module], trained: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    """The warmed-up attention tensors on the CPU: base + delta, or the weight trained in place."""
+    tensors = {}
+    with torch.no_grad():
+        for mod_name, module in modules.items():
+            for pname in ("weight", "bias"):
+                name = f"{mod_name}.{pname}"
+                if name not in trained:
+                    continue
+                plist = getattr(getattr(module, "parametrizations", None), pname, None)
+                if plist is None:  # trained in place
+                    tensors[name] = trained[name].detach().cpu()
+                else:
+                    tensors[name] = (plist.original.to(plist[0].delta.dtype) + plist[0].delta).cpu()
+    return tensors
+
+
+def _metadata(config: Any, base_id: str | None, projections, tensors: dict[str, torch.Tensor], examples: list,
+              batches: list, losses: list[float], **settings: Any) -> dict[str, Any]:
     _, dims = layout_for_config(config)
-    result = WarmupCheckpoint(
-        tensors=tensors,
-        config=config,
-        metadata={
-            "format": "peft-alps-warmup",
-            "format_version": FORMAT_VERSION,
-            "base_model": base_id,
-            "model_type": config.get_text_config().model_type,
-            "head_dims": dims.as_dict(),
-            "projections": sorted(set(projections)),
-            "tensors": sorted(tensors),
-            "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
-            "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
-            "num_examples": len(examples),
-            "examples_seen": sum(len(b) for b in batches),
-            "steps": total,
-            "fraction": fraction,
-            "batch_size": batch_size,
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "optimizer": optimizer,
-            "gradient_checkpointing": gradient_checkpointing,
-            "seed": seed,
-            "in_place": in_place,
-            "loss_first": losses[0],
-            "loss_last": losses[-1],
-            "losses": [round(x, 5) for x in losses],
-        },
-    )
-    if output_dir is not None:
-        result.save(output_dir)
-    return result
+    return {
+        "format": "peft-alps-warmup",
+        "format_version": FORMAT_VERSION,
+        "base_model": base_id,
+        "model_type": config.get_text_config().model_type,
+        "head_dims": dims.as_dict(),
+        "projections": sorted(set(projections)),
+        "tensors": sorted(tensors),
+        "dtype": str(next(iter(tensors.values())).dtype).removeprefix("torch."),
+        "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+        "num_examples": len(examples),
+        "examples_seen": sum(len(b) for b in batches),
+        "steps": len(batches),
+        "fraction": settings["fraction"],
+        "batch_size": settings["batch_size"],
+        "lr": settings["lr"],
+        "weight_decay": settings["weight_decay"],
+        "optimizer": settings["optimizer"],
+        "gradient_checkpointing": settings["gradient_checkpointing"],
+        "seed": settings["seed"],
+        "in_place": settings["in_place"],
+        "loss_first": losses[0],
+        "loss_last": losses[-1],
+        "losses": [round(x, 5) for x in losses],
+    }
 
 
 # --------------------------------------------------------------------------------------------- comparison
@@ -564,12 +606,11 @@ def run_warmup_command(args) -> int:
         truncate=args.truncate,
         seed=args.seed,
         in_place=True,  # this model is ours to change: no delta buffers for a float32 base
-        output_dir=args.output,
         progress=not args.no_progress,
     )
+    result.metadata["base_model"] = base  # as the user named it (a folder, or a Hub id)
+    result.save(args.output)  # once, with that name in it
     meta = result.metadata
-    meta["base_model"] = base
-    result.save(args.output)
     print(
         f"warm-up: {meta['steps']} steps on {meta['examples_seen']} of {meta['num_examples']} examples, "
         f"loss {meta['loss_first']:.4f} -> {meta['loss_last']:.4f}\n"

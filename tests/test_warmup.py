@@ -273,9 +273,14 @@ def base_with_tokenizer(tmp_path_factory):
     return path
 
 
-def test_cli_warmup_then_localize(base_with_tokenizer, tmp_path, capsys):
+def test_cli_warmup_then_localize(base_with_tokenizer, tmp_path, capsys, monkeypatch):
     from peft_alps.cli import main
     from peft_alps.scores import HeadScores
+    from peft_alps.warmup import WarmupCheckpoint
+
+    saves = []
+    real_save = WarmupCheckpoint.save
+    monkeypatch.setattr(WarmupCheckpoint, "save", lambda self, d: saves.append(d) or real_save(self, d))
 
     records = [{"instruction": "add two numbers", "input": f"{i} {i + 1}", "output": str(2 * i + 1)} for i in range(9)]
     records += [{"text": "say hello world"}]
@@ -289,6 +294,7 @@ def test_cli_warmup_then_localize(base_with_tokenizer, tmp_path, capsys):
         assert len(list(f.keys())) == 8 and all(".self_attn." in k for k in f.keys())
     metadata = json.loads((out / "warmup.json").read_text())
     assert metadata["optimizer"] == "adafactor" and metadata["in_place"] is True  # the low-memory defaults
+    assert saves == [str(out)] and metadata["base_model"] == str(base_with_tokenizer)  # written once, base named
 
     heads = tmp_path / "heads.json"
     assert main(["localize", "--base", str(base_with_tokenizer), "--task", str(out), "--output", str(heads),
