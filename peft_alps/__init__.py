@@ -29,7 +29,7 @@ from .mixed import save_mixed_adapters  # noqa: E402
 
 _mixed.install()  # ALPS in PeftMixedModel (with LoRA & co.); switched off, with one warning, if PEFT changed them
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402
 
 __all__ = [
     "AlpsConfig",

@@ -72,7 +72,7 @@ def _resolve(repo_id: str, revision: str | None, name: str):
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
-    from . import __version__
+    from ._version import __version__
 
     try:
         info = HfApi(library_name="peft-alps", library_version=__version__).model_info(

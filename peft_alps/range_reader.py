@@ -35,7 +35,7 @@ class RangeReader:
     def __init__(self, repo_id: str, commit: str, cache_dir: str | None, transfer: Transfer):
         from huggingface_hub.utils import build_hf_headers
 
-        from . import __version__
+        from ._version import __version__
 
         self.repo_id, self.commit, self.cache_dir, self.transfer = repo_id, commit, cache_dir, transfer
         self.headers = build_hf_headers(library_name="peft-alps", library_version=__version__)
