@@ -18,7 +18,7 @@ LoRAX and TGI are not on PyPI (their servers live only in their GitHub repositor
 ``tests/test_export.py`` checks both forms against their rule (a projection type that any layer lacks is dropped
 for every layer: LoRAX ``server/lorax_server/adapters/lora.py``, TGI ``server/text_generation_server/adapters/lora.py``).
 
-    python benchmarks/serve_check_engines.py --fetch
+    python benchmarks/serve_check_engines.py --fetch [--sizes]   # --sizes: both forms' size on SmolLM2-135M
 
 Results: ``benchmarks/results/serve_check_engines.json`` and ``.md``.
 """
@@ -144,6 +144,34 @@ def exports(work: Path) -> dict[str, tuple[Path, int]]:
     return out
 
 
+def export_sizes(ratio: float = 0.1, seed: int = 0) -> dict[str, Any]:
+    """Both export forms of an ALPS adapter on SmolLM2-135M (``ratio`` of the heads, drawn at random): file size,
+    rank and number of modules."""
+    import transformers
+    from peft import get_peft_model
+
+    from peft_alps import AlpsConfig, export_to_lora, models, select_random
+
+    base = transformers.AutoModelForCausalLM.from_pretrained(models.load("smollm2-135m"))
+    cfg = base.config
+    heads = select_random(cfg.num_hidden_layers, cfg.num_attention_heads, ratio=ratio, seed=seed)
+    model = get_peft_model(base, AlpsConfig(target_heads=heads))
+    out = {"heads": sum(map(len, heads.values())), "layers_with_heads": len(heads), "layers": cfg.num_hidden_layers}
+    with tempfile.TemporaryDirectory() as tmp:
+        for form in ("all", "owned"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                export_to_lora(model, Path(tmp) / form, layers=form)
+            config = json.loads((Path(tmp) / form / "adapter_config.json").read_text())
+            from safetensors import safe_open
+
+            with safe_open(str(Path(tmp) / form / "adapter_model.safetensors"), "pt") as f:
+                modules = len(f.keys()) // 2
+            out[form] = {"bytes": (Path(tmp) / form / "adapter_model.safetensors").stat().st_size, "r": config["r"],
+                         "modules": modules}
+    return out
+
+
 def write_report(out: Path, payload: dict) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
@@ -157,6 +185,13 @@ def write_report(out: Path, payload: dict) -> None:
                                  [[k, v["verdict"], v["layers"]["loaded"], v["layers"]["zero-filled"],
                                    "; ".join(v["problems"]) or "-"] for k, v in payload["sglang_results"].items()]),
                   ""]
+    sizes = payload.get("sizes")
+    if sizes:
+        lines += [f"Export size on SmolLM2-135M, {sizes['heads']} random heads (10%) in {sizes['layers_with_heads']} of "
+                  f"{sizes['layers']} layers, float32:", "",
+                  markdown_table(["form", "file MiB", "rank", "modules"],
+                                 [[f"layers={form!r}", f"{sizes[form]['bytes'] / 2**20:.1f}", sizes[form]["r"],
+                                   sizes[form]["modules"]] for form in ("all", "owned")]), ""]
     lines.append(produced_by(payload["environment"], payload.get("duration", "")))
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
@@ -166,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fetch", action="store_true", help=f"download the sglang {SGLANG_VERSION} wheel (pip)")
     parser.add_argument("--sglang-version", default=SGLANG_VERSION)
     parser.add_argument("--out", default=str(RESULTS / "serve_check_engines"), help="output path stem")
+    parser.add_argument("--sizes", action="store_true", help="also the size of both forms on SmolLM2-135M")
     args = parser.parse_args(argv)
     env = environment()
     started = time.perf_counter()
@@ -177,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         results = {name: sglang_load(fns, folder, n) for name, (folder, n) in exports(Path(tmp)).items()}
-    payload = {"sglang": args.sglang_version, "sglang_results": results, "environment": finish_environment(env),
+    payload = {"sglang": args.sglang_version, "sglang_results": results,
+               **({"sizes": export_sizes()} if args.sizes else {}), "environment": finish_environment(env),
                "duration": f" in {time.perf_counter() - started:.0f} s"}
     write_report(Path(args.out), payload)
     print(Path(args.out).with_suffix(".md").read_text())
