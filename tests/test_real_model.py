@@ -154,6 +154,10 @@ def test_exact_lora_export_reloads_in_plain_peft(base, date_batch, smollm2_folde
 
     model = get_peft_model(base, AlpsConfig(target_heads=HEADS, init_weights=False))
     export_to_lora(model, tmp_path / "lora")
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "lora" / "adapter_model.safetensors"), "pt") as f:  # every layer, not only HEADS'
+        assert len(f.keys()) == 30 * 4 * 2
     torch.save(date_batch["input_ids"], tmp_path / "ids.pt")
     script = """
 import sys, torch
