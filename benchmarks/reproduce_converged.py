@@ -423,6 +423,8 @@ class Runner:
         lr = self.lr_for(method)
         if lr is None or self.past_deadline():
             return False
+        if self.done(task, method, seed):  # the tuning that just ran recorded this very run (seed 0, tune task)
+            return True
         _, res = self.train_one(task, method, seed, lr, self.result["steps"])
         self.record(task, method, res, stage)
         return True
