@@ -486,7 +486,8 @@ def example_matrix(runs: list[dict[str, Any]], key: str) -> np.ndarray:
 def central_stats(result: dict[str, Any], task: str, reading: str) -> dict[str, Any] | None:
     alps, drawn = CENTRAL[reading]
     a, b = runs_of(result, task, alps), runs_of(result, task, drawn)
-    if not a or len(b) < 2:
+    s = result["setup"]
+    if len(a) < len(s["seeds"]) or len(b) < s["draws"]:  # no statistic, and no verdict, on part of the draws
         return None
     return {"n_alps": len(a), "n_draws": len(b),
             "loss": S.compare(example_matrix(a, "loss"), example_matrix(b, "loss"), lower_is_better=True),
@@ -548,7 +549,11 @@ def render_verdicts(result: dict[str, Any]) -> list[str]:
                          f"**{lo['verdict']}** (ALPS - Random {_fmt_ci(lo['ci'], 1, 3)}, p {lo['p']:.3f}); EM "
                          f"**{em['verdict']}** ({_fmt_ci(em['ci'], 100, 1)} points, p {em['p']:.3f}).")
     if not rows:
-        return []
+        have = [f"{task}, {READINGS[r].split(' (')[0]}: {len(runs_of(result, task, CENTRAL[r][0]))}/"
+                f"{len(result['setup']['seeds'])} ALPS seeds, {len(runs_of(result, task, CENTRAL[r][1]))}/"
+                f"{result['setup']['draws']} random head sets" for r in CENTRAL for task in result["setup"]["tasks"]]
+        return ["## Verdict: pending", "", "No comparison is reported until every seed and every draw of a "
+                "(task, reading) pair has run: " + "; ".join(have) + ".", ""]
     head = ["reading", "task", "runs", "loss: beats draws (rank p)", "loss: permutation p", "loss: ALPS - Random "
             "[95% CI]", "loss verdict", "EM: beats draws (rank p)", "EM: permutation p", "EM: ALPS - Random, points "
             "[95% CI]", "EM verdict"]
