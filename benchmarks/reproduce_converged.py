@@ -132,11 +132,11 @@ def log(message: str) -> None:
 # ------------------------------------------------------------------------------------------------ models
 
 
-def _set_trainable(model, names: set[str], also: tuple[str, ...] = ()) -> Any:
-    """Freeze everything, then train the modules whose last name component is in ``names`` or ``also``."""
+def _set_trainable(model, names: set[str]) -> Any:
+    """Freeze everything, then train the modules whose last name component is in ``names``."""
     model.requires_grad_(False)
     for name, module in model.named_modules():
-        if name.rsplit(".", 1)[-1] in names or name.rsplit(".", 1)[-1] in also:
+        if name.rsplit(".", 1)[-1] in names:
             module.requires_grad_(True)
     return model
 
@@ -163,7 +163,7 @@ def build(method: str, base, task: "TaskState", seed: int):
     if method == "p_wo_attn":
         return _set_trainable(copy.deepcopy(base), outside)
     if method == "p_full":
-        return _set_trainable(copy.deepcopy(base), outside, ATTN[:3])
+        return _set_trainable(copy.deepcopy(base), outside | set(ATTN[:3]))
     if method == "p_lora":
         torch.manual_seed(seed)
         r = task.setup.paper_lora_rank

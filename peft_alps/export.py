@@ -192,7 +192,7 @@ def _pad(head: _Head, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 LAYER_FORMS = ("all", "owned")
 _OWNED_WARNING = (
     "exporting ALPS adapter {adapter!r} with layers='owned': only {owned} of the {total} (layer, projection) modules "
-    "{which} have LoRA tensors. PEFT, vLLM and llama.cpp serve it as trained; LoRAX and TGI drop every projection type "
+    "(those that own heads) have LoRA tensors. PEFT, vLLM and llama.cpp serve it as trained; LoRAX and TGI drop every projection type "
     "that some layer lacks and then serve the base model, saying only \"unused adapter weights\"{sglang}. Export with "
     "layers='all' (the default) for those engines."
 )
@@ -323,8 +323,7 @@ def _warn_if_partial(peft_model: nn.Module, heads: list[_Head], adapter_name: st
     split_qkv = any(0 < len(roles & {"q", "k", "v"}) < 3 for roles in per_layer.values())
     sglang = ("; SGLang raises on a layer with q but not v (at load) or k/v without q (at the first batch)"
               if split_qkv else "")
-    warnings.warn(_OWNED_WARNING.format(adapter=adapter_name, owned=len(heads), total=len(complete),
-                                        which="(those that own heads)", sglang=sglang))
+    warnings.warn(_OWNED_WARNING.format(adapter=adapter_name, owned=len(heads), total=len(complete), sglang=sglang))
 
 
 def _warn_about_extras(peft_model: nn.Module, alps_config: Any, modules: list[_Head], adapter_name: str,
