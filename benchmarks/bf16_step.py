@@ -31,7 +31,7 @@ import torch
 from benchmarks import _common as C
 from benchmarks import reproduce_converged as RC
 from benchmarks import reproduce_real as R
-from peft_alps.resources import trainable_parameters
+from peft_alps.demo.resources import trainable_parameters
 
 ARMS = ("h_alps", "h_lora", "p_alps", "p_full")
 

@@ -45,8 +45,8 @@ if str(ROOT) not in sys.path:
 
 import peft_alps  # noqa: E402
 from peft_alps import AlpsConfig, export_to_lora  # noqa: E402
-from peft_alps.quantization import dequantized_weight  # noqa: E402
-from peft_alps.resources import trainable_parameters  # noqa: E402
+from peft_alps.tuner.quantization import dequantized_weight  # noqa: E402
+from peft_alps.demo.resources import trainable_parameters  # noqa: E402
 
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "gpu_qlora_check.json"
 

@@ -42,7 +42,7 @@ REAL_PAIRS = {"Qwen2.5-7B pair": (30e9, 1.8e9), "Llama-3-70B pair": (280e9, 27e9
 def worker(kind: str, result: Path) -> None:
     C.quiet_transformers()
     from peft_alps import localize_heads
-    from peft_alps.checkpoints import _hub_source
+    from peft_alps.localization.sources.open import _hub_source
 
     start = time.perf_counter()
     if kind == "whole":

@@ -1,6 +1,6 @@
 """A toy-scale, fully offline reproduction of the paper's Table 1 / 2 / 3 / 5 design.
 
-1. Pretrain a small Llama-style base on the built-in multi-skill corpus (``peft_alps.synthetic``: arithmetic,
+1. Pretrain a small Llama-style base on the built-in multi-skill corpus (``peft_alps.demo.synthetic``: arithmetic,
    copy, reverse, brackets, text-like).
 2. Derive a task model by supervised fine-tuning (all weights) on one skill (default: arithmetic).
 3. Localize: ``peft_alps.localize_heads(base, task)`` with W1 (PAD), and with KL, cosine and Euclidean for
@@ -36,8 +36,8 @@ from typing import Any, Callable
 import torch
 
 from benchmarks import _common as C
-from peft_alps.real_demo import lora_rank_matching as lora_rank_for  # one rank-matching rule for demo and benchmarks
-from peft_alps.resources import trainable_parameters
+from peft_alps.demo.real import lora_rank_matching as lora_rank_for  # one rank-matching rule for demo and benchmarks
+from peft_alps.demo.resources import trainable_parameters
 
 MAIN_METHODS = ("full_attn", "wo_attn", "random_10", "lc_10", "lora_eq", "lora_qkv", "alps_10", "alps_30")
 ABLATION = {"wasserstein": "alps_10", "kl": "alps_10_kl", "cosine": "alps_10_cosine", "euclidean": "alps_10_euclidean"}

@@ -59,7 +59,7 @@ from benchmarks import real_tasks as T
 from benchmarks import reproduce_real as R
 from benchmarks import stats as S
 from benchmarks.reproduce import alps_method, lora_method, lora_rank_for, weights_method
-from peft_alps.resources import trainable_parameters
+from peft_alps.demo.resources import trainable_parameters
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 # method: (reading, family, label). Families share a grid; "draw" methods train one head set per seed.
@@ -713,7 +713,7 @@ INT_FLAGS = ("batch", "train_examples", "dev_examples", "test_examples", "sft_ma
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny random Llama with the real tokenizer, toy budgets")
-    p.add_argument("--model", help="built-in model name (peft_alps.models) or a checkpoint folder")
+    p.add_argument("--model", help="built-in model name (peft_alps.demo.builtin_models) or a checkpoint folder")
     for name in INT_FLAGS:
         p.add_argument(f"--{name.replace('_', '-')}", type=int)
     p.add_argument("--tasks", nargs="+")

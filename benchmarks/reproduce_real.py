@@ -1,11 +1,11 @@
-"""The paper's Tables 1, 2, 3 and 5 on a real pretrained LLM (SmolLM2-135M-Instruct, ``peft_alps.models``).
+"""The paper's Tables 1, 2, 3 and 5 on a real pretrained LLM (SmolLM2-135M-Instruct, ``peft_alps.demo.builtin_models``).
 
 Three tasks shaped like the paper's (``benchmarks.real_tasks``: general instruction following, math word
 problems, Python output prediction), real text, SmolLM2's chat template. Per task:
 
 1. task models from the base: a full SFT (every weight) and the attention warm-up (``peft_alps.warmup``);
 2. head scores: PAD (W1) and the ablation metrics (KL, JS, cosine, Euclidean) from the SFT task model, PAD from the
-   warm-up, and two selectors beyond the paper that need nothing but the warm-up (``peft_alps.selectors``: the
+   warm-up, and two selectors beyond the paper that need nothing but the warm-up (``peft_alps.localization.scorers``: the
    Frobenius norm of each head's warm-up change, the gradient norm on the first batches);
 3. every method trained from the base at the same budget (steps, batch, AdamW, cosine schedule): full attention,
    w/o attention (everything but attention), Random 10% and LC 10% heads (``--draws`` head sets each), LoRA at
@@ -46,7 +46,7 @@ from benchmarks import _common as C
 from benchmarks import real_data as D
 from benchmarks import real_tasks as T
 from benchmarks.reproduce import alps_method, lora_method, lora_rank_for, schedule, weights_method
-from peft_alps.resources import trainable_parameters
+from peft_alps.demo.resources import trainable_parameters
 
 TUNED = ("alps_10", "random_10", "lc_10", "lora_eq", "full_attn", "wo_attn", "lora_qkv", "alps_30", "alps_10_warmup")
 MAIN = ("full_attn", "wo_attn", "random_10", "lc_10", "lora_eq", "lora_qkv", "alps_10", "alps_30", "alps_10_warmup")
@@ -184,7 +184,7 @@ PAD: list[int] = [0]
 
 
 def hf_batches(items, setup: Setup, seed: int):
-    """Standard ``model(**batch).loss`` batches (labels on the answers) for ``peft_alps.selectors.gradient_scores``."""
+    """Standard ``model(**batch).loss`` batches (labels on the answers) for ``peft_alps.localization.scorers.gradient_scores``."""
     for batch in D.batches(items, setup.batch, PAD[0], seed):
         labels = torch.full_like(batch["input_ids"], -100)
         labels[:, -(batch["keep"] - 1):] = batch["labels"]
@@ -227,7 +227,7 @@ class TaskState:
 
 def build_task(state: TaskState, base, base_folder: Path, setup: Setup, workdir: Path) -> None:
     from peft_alps import localize_heads, warmup
-    from peft_alps.selectors import gradient_scores, weight_change_scores
+    from peft_alps.localization.scorers import gradient_scores, weight_change_scores
 
     t0 = time.perf_counter()
     state.references["base"] = evaluate(base, state.data)
@@ -713,7 +713,7 @@ def setup_record(setup: Setup) -> dict[str, Any]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="tiny random Llama with the real tokenizer, toy budgets")
-    p.add_argument("--model", help="built-in model name (peft_alps.models) or a checkpoint folder")
+    p.add_argument("--model", help="built-in model name (peft_alps.demo.builtin_models) or a checkpoint folder")
     p.add_argument("--real", action="store_true", help="with --quick: the real model instead of the tiny one")
     for name in INT_FLAGS:
         p.add_argument(f"--{name.replace('_', '-')}", type=int)

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Serve ALPS exports in llama.cpp: convert them with llama.cpp's own converters, compare logits (optional, not CI).
 
-For each model (a tiny Llama built here, and SmolLM2-135M when ``peft_alps.models`` can materialize it):
+For each model (a tiny Llama built here, and SmolLM2-135M when ``peft_alps.demo.builtin_models`` can materialize it):
 
 1. ``convert_hf_to_gguf.py`` turns the base checkpoint into an f32 GGUF; llama.cpp's logits on it are compared with
    transformers' (``base``), so the adapter figures below are read against the conversion's own error;
@@ -73,7 +73,7 @@ def llama_cpp_module():
 
 def fetch_converters(version: str) -> Path:
     """The ``vendor/llama.cpp`` converters of llama-cpp-python ``version``'s sdist, downloaded once into the cache."""
-    from peft_alps.models import cache_root
+    from peft_alps.demo.builtin_models import cache_root
 
     target = cache_root() / "llama.cpp" / f"llama-cpp-python-{version}"
     if all((target / name).is_file() for name in CONVERTERS):

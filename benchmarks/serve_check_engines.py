@@ -56,7 +56,7 @@ class Skip(Exception):
 
 
 def sglang_wheel(version: str, fetch: bool) -> Path:
-    from peft_alps.models import cache_root
+    from peft_alps.demo.builtin_models import cache_root
 
     folder = cache_root() / "engines"
     found = sorted(folder.glob(f"sglang-{version}-*.whl"))

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 
 from benchmarks import _common as C
-from peft_alps.resources import trainable_parameters
+from peft_alps.demo.resources import trainable_parameters
 
 METHODS = ("alps", "lora_eq", "lora_qkv", "masked", "full")
 LABELS = {

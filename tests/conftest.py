@@ -22,7 +22,7 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def smollm2_folder():
-    """The real SmolLM2-135M checkpoint folder (peft_alps.models; built once per machine, then cached)."""
+    """The real SmolLM2-135M checkpoint folder (peft_alps.demo.builtin_models; built once per machine, then cached)."""
     from peft_alps import models
 
     return models.load("smollm2-135m")

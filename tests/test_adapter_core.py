@@ -384,8 +384,8 @@ def _repo_root():
     "body",
     [
         "import peft_alps\nimport peft_alps\nimport importlib\nimportlib.reload(peft_alps)",
-        "import peft_alps.layouts\nimport peft_alps.config\nimport peft_alps",
-        "from peft_alps.config import AlpsConfig\nfrom peft_alps.registration import ensure_peft_type\n"
+        "import peft_alps.layouts\nimport peft_alps.tuner.config\nimport peft_alps",
+        "from peft_alps.tuner.config import AlpsConfig\nfrom peft_alps.tuner.registration import ensure_peft_type\n"
         "ensure_peft_type(); ensure_peft_type()\nimport peft_alps",
     ],
     ids=["import-twice-and-reload", "submodule-first", "ensure-twice"],

@@ -62,8 +62,8 @@ def test_subcommands_are_listed(capsys):
 @pytest.fixture
 def no_work(monkeypatch):
     """Scoring, loading weights and the demo all raise if a command reaches them."""
-    import peft_alps.demo
-    import peft_alps.localization
+    import peft_alps.demo.toy
+    import peft_alps.localization.pad
     from transformers import AutoModelForCausalLM
 
     def reached(what):
@@ -71,9 +71,9 @@ def no_work(monkeypatch):
             raise AssertionError(f"{what} started before the mistake was reported")
         return spy
 
-    monkeypatch.setattr(peft_alps.localization, "localize_heads", reached("scoring"))
+    monkeypatch.setattr(peft_alps.localization.pad, "localize_heads", reached("scoring"))
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", reached("loading weights"))
-    monkeypatch.setattr(peft_alps.demo, "run_demo", reached("the demo"))
+    monkeypatch.setattr(peft_alps.demo.toy, "run_demo", reached("the demo"))
 
 
 def parse_error(capsys, argv) -> str:
@@ -185,10 +185,10 @@ def test_parser_constants_equal_their_sources():
 
     import peft_alps_cli as cli
     from peft_alps import localization, synthetic
-    from peft_alps.demo import DemoSettings
+    from peft_alps.demo.toy import DemoSettings
     from peft_alps_cli import options
 
-    warmup = importlib.import_module("peft_alps.warmup")  # the module, not the function peft_alps.warmup
+    warmup = importlib.import_module("peft_alps.warmup.train")
     assert cli.METRICS == localization.METRICS and cli.VARIANTS == localization.VARIANTS
     assert cli.OPTIMIZERS == warmup.OPTIMIZERS and options.ATTENTION_ROLES == warmup.ATTENTION_ROLES
     assert cli.DEMO_TASKS == synthetic.SKILLS

@@ -24,7 +24,7 @@ SCENARIO = textwrap.dedent('''
         import peft_alps
     from peft import PeftModel, get_peft_model, LoraConfig
     from peft_alps import AlpsConfig, mixed
-    from peft_alps.compat import IntegrationUnavailableWarning
+    from peft_alps.integrations.compat import IntegrationUnavailableWarning
     from tests.tiny_models import batch, tiny_llama, train_steps
 
     out = {"warnings": [str(w.message) for w in caught if issubclass(w.category, IntegrationUnavailableWarning)]}
@@ -131,7 +131,7 @@ def test_switched_off_mixed_support_refuses_alps_only_when_asked(monkeypatch, tm
     from peft import LoraConfig, PeftMixedModel, get_peft_model
 
     from peft_alps import AlpsConfig, compat, mixed
-    from peft_alps.compat import IntegrationUnavailableWarning
+    from peft_alps.integrations.compat import IntegrationUnavailableWarning
     from tests.tiny_models import tiny_llama
 
     saved = get_peft_model(tiny_llama(), AlpsConfig(target_heads={0: [1]}))

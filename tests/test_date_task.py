@@ -1,4 +1,4 @@
-"""peft_alps.date_task (the real demo's skill) and the demo's option checks; fast, no real model."""
+"""peft_alps.demo.date_task (the real demo's skill) and the demo's option checks; fast, no real model."""
 
 import datetime
 import re
@@ -8,7 +8,7 @@ import torch
 
 from peft_alps import date_task
 from peft_alps.cli import main
-from peft_alps.real_demo import lora_rank_matching
+from peft_alps.demo.real import lora_rank_matching
 from tests.tiny_models import tiny_llama
 
 

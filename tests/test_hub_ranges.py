@@ -23,7 +23,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from peft_alps import localize_heads
-from peft_alps.attention_cache import attention_cache_root
+from peft_alps.localization.sources.hub_cache import attention_cache_root
 from tests.hub_server import HubServer, commit_of
 
 LAYERS = 4

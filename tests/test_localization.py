@@ -121,7 +121,7 @@ def test_identical_models_score_zero_and_folders_equal_models(tmp_path):
 
 
 def test_bitwise_identical_across_thread_counts(monkeypatch):
-    import peft_alps.localization as localization
+    import peft_alps.localization.pad as localization
 
     monkeypatch.setattr(localization, "PARALLEL_MIN_LAYER_WEIGHTS", 0)  # worker threads even for a tiny model
     base, task = _pair(layers=2)
@@ -474,8 +474,8 @@ def _mapped_rss_kib(path: Path) -> int:
 def test_read_rows_are_released_so_memory_does_not_grow_with_the_model(tmp_path):
     """Rows of a checkpoint folder are views of its memory map; release() must drop their pages, or a whole
     model's q/k/v would end up resident (8 layers x 3 MiB here)."""
-    from peft_alps.checkpoints import open_source
-    from peft_alps.localization import HeadGroup
+    from peft_alps.localization.sources.open import open_source
+    from peft_alps.localization.pad import HeadGroup
 
     from transformers import AutoModelForCausalLM, LlamaConfig
 

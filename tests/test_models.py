@@ -1,4 +1,4 @@
-"""peft_alps.models: the GGUF checks, the cache, atomic materialization and ``peft-alps fetch`` (fast: fake GGUFs;
+"""peft_alps.demo.builtin_models: the GGUF checks, the cache, atomic materialization and ``peft-alps fetch`` (fast: fake GGUFs;
 the real SmolLM2 materialization is in tests/test_real_model.py)."""
 
 import hashlib

@@ -1,4 +1,4 @@
-"""peft_alps.paper_recipe: the paper's reading of ALPS (every weight but the non-selected heads' q/k/v) as a PEFT
+"""peft_alps.tuner.paper_recipe: the paper's reading of ALPS (every weight but the non-selected heads' q/k/v) as a PEFT
 config. The right parameters train, nothing else moves, and save / reload / merge round-trip."""
 
 import copy

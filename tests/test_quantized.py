@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 import peft_alps
 from peft_alps import AlpsConfig
-from peft_alps.quantization import dequantized_weight, restore_4bit_layout
+from peft_alps.tuner.quantization import dequantized_weight, restore_4bit_layout
 from tests.tiny_models import batch, llama_config
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -246,7 +246,7 @@ def test_adapter_refused_on_quantized_base_with_other_head_layout(tmp_path):
 
 
 def test_dispatch_follows_peft_layer_types():
-    from peft_alps.layer import dispatch_linear
+    from peft_alps.tuner.layer import dispatch_linear
 
     assert dispatch_linear(torch.nn.Linear(64, 32)) is peft_alps.Linear
     assert dispatch_linear(bnb.nn.Linear4bit(64, 32)) is peft_alps.Linear
@@ -294,7 +294,7 @@ def test_localization_of_in_memory_4bit_models(tmp_path, base_dir):
 
 def test_export_from_4bit_training_serves_as_lora_on_the_4bit_base(base_dir, tmp_path):
     from peft_alps import export_to_lora
-    from peft_alps.quantization import keep_cpu_4bit_trainable
+    from peft_alps.tuner.quantization import keep_cpu_4bit_trainable
 
     model = get_peft_model(load(base_dir, "4bit"), AlpsConfig(target_heads=HEADS, init_weights=False))
     expected = logits(model)

@@ -1,4 +1,4 @@
-"""The real-model tier (``pytest -m real``): SmolLM2-135M-Instruct materialized by peft_alps.models."""
+"""The real-model tier (``pytest -m real``): SmolLM2-135M-Instruct materialized by peft_alps.demo.builtin_models."""
 
 import json
 import zipfile

@@ -1,4 +1,4 @@
-"""The warm-up-only head selectors (peft_alps.selectors) against a plain per-head oracle."""
+"""The warm-up-only head selectors (peft_alps.localization.scorers) against a plain per-head oracle."""
 
 import copy
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from peft_alps.selectors import gradient_scores, weight_change_scores
+from peft_alps.localization.scorers import gradient_scores, weight_change_scores
 from tests.tiny_models import batch, tiny_llama, train_steps
 
 

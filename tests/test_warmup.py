@@ -10,8 +10,8 @@ import torch
 from safetensors import safe_open
 
 from peft_alps import synthetic
-from peft_alps.sft_data import ALPACA_PROMPT, DataError, alpaca_prompt, load_jsonl_dataset
-from peft_alps.warmup import WarmupCheckpoint, warmup
+from peft_alps.warmup.data import ALPACA_PROMPT, DataError, alpaca_prompt, load_jsonl_dataset
+from peft_alps.warmup.train import WarmupCheckpoint, warmup
 from transformers import AutoModelForCausalLM
 
 from tests.tiny_models import VOCAB, llama_config, tiny_llama, tiny_qwen2
@@ -276,7 +276,7 @@ def base_with_tokenizer(tmp_path_factory):
 def test_cli_warmup_then_localize(base_with_tokenizer, tmp_path, capsys, monkeypatch):
     from peft_alps.cli import main
     from peft_alps.scores import HeadScores
-    from peft_alps.warmup import WarmupCheckpoint
+    from peft_alps.warmup.train import WarmupCheckpoint
 
     saves = []
     real_save = WarmupCheckpoint.save
@@ -336,7 +336,7 @@ def test_head_overlap_against_scipy_and_sets():
     from scipy.stats import spearmanr
 
     from peft_alps.scores import HeadScores
-    from peft_alps.warmup import head_overlap
+    from peft_alps.warmup.train import head_overlap
 
     rng = torch.Generator().manual_seed(3)
     a = torch.rand(3, 8, generator=rng, dtype=torch.float64).numpy()

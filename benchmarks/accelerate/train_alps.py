@@ -8,8 +8,8 @@ The same script runs everywhere; how it scales out is decided by the launcher:
     accelerate launch --config_file benchmarks/accelerate/fsdp2.yaml benchmarks/accelerate/train_alps.py ...
     accelerate launch --config_file benchmarks/accelerate/deepspeed_zero3.yaml benchmarks/accelerate/train_alps.py ...
 
-Data: the built-in synthetic arithmetic task (peft_alps.synthetic), so the script needs no download. BASE is a
-transformers causal LM directory (or hub id) with vocab_size >= peft_alps.synthetic.VOCAB_SIZE; heads come from
+Data: the built-in synthetic arithmetic task (peft_alps.demo.synthetic), so the script needs no download. BASE is a
+transformers causal LM directory (or hub id) with vocab_size >= peft_alps.demo.synthetic.VOCAB_SIZE; heads come from
 ``--heads`` (``{layer: [heads]}`` as JSON, inline or a file) or from head scores (``--scores heads.json --ratio 0.1``,
 as written by ``peft-alps localize``). ``--batch-size`` is the *global* batch: it is split
 over the processes, so a 2-process run and a 1-process run see the same samples per step.

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import SCORED_ROLES, SINGLE_FILE
-from .layouts import layout_for_config
-from .range_reader import RangeReader, read_header
+from peft_alps.localization.sources.open import SCORED_ROLES, SINGLE_FILE
+from peft_alps.layouts import layout_for_config
+from peft_alps.localization.sources.hub_ranges import RangeReader, read_header
 
 # Ranges of one shard are read as one request when the bytes between them are few: at most MAX_GAP, and at most
 # 1/8 of the wanted bytes (so coalescing never reads more than 12.5% extra; a neighbouring o_proj is never read)

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from .sft_data import IGNORE_INDEX, collate
+from peft_alps.warmup.data import IGNORE_INDEX, collate
 
 INSTRUCTION = "Write the date in this sentence as YYYY-MM-DD."
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",

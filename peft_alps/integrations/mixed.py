@@ -17,7 +17,7 @@ running.
    co., forward, set_adapter, merge, delete) is PEFT's code.
 
 The checks, not a version range, decide: a newer PEFT whose internals still look the same gets mixed support.
-If a check fails, the integration switches off with one :class:`~peft_alps.compat.IntegrationUnavailableWarning`
+If a check fails, the integration switches off with one :class:`~peft_alps.integrations.compat.IntegrationUnavailableWarning`
 naming the PEFT version and what changed; ``import peft_alps`` and every non-mixed feature keep working, and only
 an ALPS adapter given to ``PeftMixedModel`` (``get_peft_model(..., mixed=True)``, ``add_adapter``,
 ``load_adapter``, ``from_pretrained``) raises :class:`MixedSupportError` with that reason.
@@ -40,12 +40,12 @@ from typing import Any, Optional, Union
 
 from torch import nn
 
-from . import compat
-from .config import AlpsConfig
-from .layer import AlpsLayer
-from .model import AlpsModel, check_loaded_deltas
-from .registration import PREFIX, ensure_peft_type
-from .training import install_partial_backprop, uninstall_partial_backprop
+from peft_alps.integrations import compat
+from peft_alps.tuner.config import AlpsConfig
+from peft_alps.tuner.layer import AlpsLayer
+from peft_alps.tuner.model import AlpsModel, check_loaded_deltas
+from peft_alps.tuner.registration import PREFIX, ensure_peft_type
+from peft_alps.tuner.partial_backprop import install_partial_backprop, uninstall_partial_backprop
 
 SKIP_ENV = "PEFT_ALPS_SKIP_MIXED"
 TESTED_PEFT = "0.21"  #: the PEFT minor release whose mixed-model internals these checks were written against

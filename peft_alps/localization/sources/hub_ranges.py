@@ -5,7 +5,7 @@ the file is there, else with a ranged GET (``get_session`` via ``http_stream_bac
 ``hf_hub_url``, so tokens, ``HF_ENDPOINT``, proxies and the user agent are those of the library). It detects a
 server without Range support (an answer other than 206 raises :class:`RangeNotSupported`, which the caller turns
 into a fallback), checks ``Content-Range`` and the body length, counts the network bytes into a
-:class:`peft_alps.hub_transfer.Transfer`, and aborts a read when :attr:`RangeReader.stop` is set.
+:class:`peft_alps.localization.sources.hub_transfer.Transfer`, and aborts a read when :attr:`RangeReader.stop` is set.
 :func:`read_header` reads a safetensors header with two small requests.
 """
 
@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from .hub_transfer import Transfer
+from peft_alps.localization.sources.hub_transfer import Transfer
 
 CHUNK = 1 << 20  # bytes per read from the network or a file
 
@@ -35,7 +35,7 @@ class RangeReader:
     def __init__(self, repo_id: str, commit: str, cache_dir: str | None, transfer: Transfer):
         from huggingface_hub.utils import build_hf_headers
 
-        from ._version import __version__
+        from peft_alps._version import __version__
 
         self.repo_id, self.commit, self.cache_dir, self.transfer = repo_id, commit, cache_dir, transfer
         self.headers = build_hf_headers(library_name="peft-alps", library_version=__version__)

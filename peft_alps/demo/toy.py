@@ -1,6 +1,6 @@
 """``peft-alps demo``: the whole ALPS pipeline, offline, on a small model and a built-in synthetic task.
 
-1. **base model**: a small Llama-style model, briefly pretrained on :func:`peft_alps.synthetic.corpus` (text-like
+1. **base model**: a small Llama-style model, briefly pretrained on :func:`peft_alps.demo.synthetic.corpus` (text-like
    sequences plus copy/arithmetic/bracket skills, but *not* the demo task), so that its heads mean something;
 2. **task model**: the base fully fine-tuned for a few steps on the task skill (default ``reverse``);
 3. **localize**: :func:`peft_alps.localize_heads` streams the two saved checkpoints and writes ``heads.json``
@@ -32,8 +32,8 @@ from typing import Any
 
 import torch
 
-from . import synthetic
-from .resources import trainable_parameters
+from peft_alps.demo import synthetic
+from peft_alps.demo.resources import trainable_parameters
 
 PRETRAIN_SKILLS = ("text", "copy", "arithmetic", "brackets")
 
@@ -148,8 +148,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
 def _warmup_comparison(base, task_train, scores, settings: DemoSettings, out: Path) -> dict[str, Any]:
     """No task model? Warm up the attention on a share of the data, localize, compare with the full task model."""
-    from .localization import localize_heads
-    from .warmup import head_overlap, warmup
+    from peft_alps.localization.pad import localize_heads
+    from peft_alps.warmup.train import head_overlap, warmup
 
     print(f"      no task model? warm-up: attention only, one pass over {settings.warmup_fraction:.0%} of the task data")
     t0 = time.perf_counter()
@@ -182,9 +182,9 @@ def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
 def _run(settings: DemoSettings) -> dict[str, Any]:
     from peft import get_peft_model
 
-    from .config import AlpsConfig
-    from .localization import localize_heads
-    from .scores import HeadScores
+    from peft_alps.tuner.config import AlpsConfig
+    from peft_alps.localization.pad import localize_heads
+    from peft_alps.scores import HeadScores
 
     out = Path(settings.output)
     out.mkdir(parents=True, exist_ok=True)

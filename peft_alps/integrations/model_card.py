@@ -14,7 +14,7 @@ the original first and then, only for models that hold an ALPS adapter, rewrite 
 ``push_to_hub(tags=...)`` or a card already on the Hub, are kept), the base model, and a section that lists
 the selected heads. Other PEFT methods are left exactly as PEFT writes them. :func:`install` first checks that the
 methods it wraps are still there with the arguments and the call chain it expects. If a PEFT or transformers release
-changed them, that hook is not installed and one :class:`~peft_alps.compat.IntegrationUnavailableWarning` says so:
+changed them, that hook is not installed and one :class:`~peft_alps.integrations.compat.IntegrationUnavailableWarning` says so:
 ``import peft_alps``, saving and pushing keep working, with the card PEFT / transformers write themselves.
 """
 
@@ -27,7 +27,7 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from . import compat
+from peft_alps.integrations import compat
 
 TAG = "alps"
 START = "<!-- peft-alps:heads:start -->"
@@ -37,7 +37,7 @@ _WRAPPED = "__peft_alps_model_card__"
 
 def alps_adapters(peft_model: Any) -> dict[str, Any]:
     """``{adapter name: AlpsConfig}`` of the ALPS adapters held by ``peft_model`` (empty for other methods)."""
-    from .config import AlpsConfig
+    from peft_alps.tuner.config import AlpsConfig
 
     configs = getattr(peft_model, "peft_config", None) or {}
     return {name: cfg for name, cfg in configs.items() if isinstance(cfg, AlpsConfig)}

@@ -2,7 +2,7 @@
 
 Every Hub attention source carries a :class:`Transfer` (``source.transfer``): how it was read (HTTP Range reads,
 the attention cache, or whole shards from a server without Range support), the body bytes received in this run
-(counted by :class:`peft_alps.range_reader.RangeReader`) and the checkpoint and q/k/v sizes behind them.
+(counted by :class:`peft_alps.localization.sources.hub_ranges.RangeReader`) and the checkpoint and q/k/v sizes behind them.
 :func:`transfer_summary` turns them into the CLI's one-line report; :func:`bytes_read` feeds the progress bar.
 """
 

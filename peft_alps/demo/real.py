@@ -1,7 +1,7 @@
-"""``peft-alps demo`` on a real pretrained LLM (default: SmolLM2-135M-Instruct, built in via :mod:`peft_alps.models`).
+"""``peft-alps demo`` on a real pretrained LLM (default: SmolLM2-135M-Instruct, built in via :mod:`peft_alps.demo.builtin_models`).
 
 1. **base**: the built-in model's checkpoint folder (materialized offline on first use) and its score on a skill it
-   lacks, :mod:`peft_alps.date_task` (dates in English sentences -> ``YYYY-MM-DD``);
+   lacks, :mod:`peft_alps.demo.date_task` (dates in English sentences -> ``YYYY-MM-DD``);
 2. **task model**: the attention warm-up (:func:`peft_alps.warmup`) on the task data, saved as an attention-only
    checkpoint;
 3. **localize**: :func:`peft_alps.localize_heads` on the two folders -> ``heads.json``, ``heads.png``;
@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from . import date_task
-from .resources import Usage, measure, trainable_parameters
+from peft_alps.demo import date_task
+from peft_alps.demo.resources import Usage, measure, trainable_parameters
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -40,7 +40,7 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 @dataclass
 class RealDemoSettings:
     model: str = "smollm2-135m"
-    wheel: str | None = None  # the built-in model's wheel file (offline machines; see peft_alps.models.wheel_path)
+    wheel: str | None = None  # the built-in model's wheel file (offline machines; see peft_alps.demo.builtin_models.wheel_path)
     output: str = "alps-demo"
     ratio: float = 0.1
     train_examples: int = 512
@@ -61,7 +61,7 @@ class RealDemoSettings:
         return cls(train_examples=16, eval_examples=8, batch_size=4, warmup_steps=2, adapter_steps=2)
 
     def validate(self) -> None:
-        from .models import MODELS
+        from peft_alps.demo.builtin_models import MODELS
 
         if self.model not in MODELS:
             raise ValueError(f"unknown demo model {self.model!r}; choose one of: {', '.join(MODELS)}, toy")
@@ -123,7 +123,7 @@ def run_real_demo(settings: RealDemoSettings | None = None) -> dict[str, Any]:
 def _run(settings: RealDemoSettings) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from . import models
+    from peft_alps.demo import builtin_models as models
 
     wall0, cpu0 = time.perf_counter(), time.process_time()
     out = Path(settings.output)
@@ -174,8 +174,8 @@ def _run(settings: RealDemoSettings) -> dict[str, Any]:
 
 def _task_model_and_heads(base, folder: Path, train_set, eval_set, pad: int, settings: RealDemoSettings, out: Path):
     """The warm-up task checkpoint, its own score (row), and the head scores from localizing it against the base."""
-    from .localization import localize_heads
-    from .warmup import warmup
+    from peft_alps.localization.pad import localize_heads
+    from peft_alps.warmup.train import warmup
 
     print(f"[2/5] task model: attention warm-up, {settings.warmup_steps} steps x {settings.batch_size} examples "
           f"(q/k/v/o of every layer, lr {settings.warmup_lr})")
@@ -204,8 +204,8 @@ def _train_adapters(base, scores, train_set, eval_set, tokenizer, shown, setting
     """ALPS on the top heads, ALPS on random heads, LoRA at equal parameters: rows, and ALPS's generations."""
     from peft import LoraConfig, get_peft_model
 
-    from .config import AlpsConfig
-    from .demo import fit
+    from peft_alps.tuner.config import AlpsConfig
+    from peft_alps.demo.toy import fit
 
     pad = tokenizer.pad_token_id
     top = AlpsConfig(head_scores=str(out / "heads.json"), ratio=settings.ratio)

@@ -32,11 +32,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from .adapted_weights import reads_frozen_base
-from .checkpoints import AttentionSource, open_source
-from .hub_transfer import bytes_read, format_bytes
-from .layouts import HeadDims, head_parts
-from .scores import HeadScores
+from peft_alps.localization.sources.adapted_weights import reads_frozen_base
+from peft_alps.localization.sources.open import AttentionSource, open_source
+from peft_alps.localization.sources.hub_transfer import bytes_read, format_bytes
+from peft_alps.layouts import HeadDims, head_parts
+from peft_alps.scores import HeadScores
 
 Metric = Literal["wasserstein", "kl", "js", "cosine", "euclidean"]
 Variant = Literal["qkv_product", "qkv_concat"]

@@ -26,7 +26,7 @@ from peft.utils import quantization_extra_repr, resolve_quantization_backend
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .quantization import is_quantized_linear, restore_4bit_layout
+from peft_alps.tuner.quantization import is_quantized_linear, restore_4bit_layout
 
 Axis = Literal["out", "in"]
 

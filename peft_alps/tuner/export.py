@@ -50,7 +50,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from .layer import AlpsLayer
+from peft_alps.tuner.layer import AlpsLayer
 
 #: Largest LoRA rank vLLM serves (its ``max_lora_rank`` choices end at 512).
 VLLM_MAX_RANK = 512
@@ -111,7 +111,7 @@ def _transformers_model(peft_model: nn.Module) -> nn.Module:
 
 
 def _collect(peft_model: nn.Module, adapter_name: str, dtype: Optional[torch.dtype]) -> list[_Head]:
-    from .mixed import _canonical_module_names
+    from peft_alps.integrations.mixed import _canonical_module_names
 
     heads = []
     model = _transformers_model(peft_model)
@@ -142,8 +142,8 @@ def _features(module: nn.Module, transposed: bool) -> tuple[int, int]:
 def _complete(peft_model: nn.Module, heads: list[_Head]) -> tuple[list[_Head], list[str]]:
     """The complete form: every layer's module of each exported projection type (q, k and v together), with zero
     factors where no head is owned; and the ``target_modules`` that name exactly those modules."""
-    from .layouts import layout_for_config
-    from .mixed import _canonical_module_names
+    from peft_alps.layouts import layout_for_config
+    from peft_alps.integrations.mixed import _canonical_module_names
 
     model = _transformers_model(peft_model)
     layout, _ = layout_for_config(model.config)
@@ -310,7 +310,7 @@ def _choose_rank(modules: list[_Head], rank: Optional[int], per_module_ranks: bo
 
 def _warn_if_partial(peft_model: nn.Module, heads: list[_Head], adapter_name: str) -> None:
     """One warning for a compact export that some engines cannot serve as trained."""
-    from .layouts import layout_for_config
+    from peft_alps.layouts import layout_for_config
 
     complete, _ = _complete(peft_model, heads)
     if len(complete) == len(heads):

@@ -1,6 +1,6 @@
 """The attention source of a Hub revision: the attention cache's layer files, filled ahead of the scoring.
 
-:func:`open_cache` turns a per-commit attention cache (:mod:`peft_alps.attention_cache`) into a
+:func:`open_cache` turns a per-commit attention cache (:mod:`peft_alps.localization.sources.hub_cache`) into a
 :class:`HubAttentionSource`, which scoring reads exactly like a local checkpoint folder (memory maps, released per
 KV group; so the scores are bitwise those of the local folders and memory stays flat). When layers are missing,
 a :class:`Fetcher` reads them in order on a background thread, at most :data:`READ_AHEAD` layers ahead of the
@@ -13,11 +13,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .attention_cache import (Entry, by_layer, layer_file_name, manifest_entries, missing_layers, read_manifest,
+from peft_alps.localization.sources.hub_cache import (Entry, by_layer, layer_file_name, manifest_entries, missing_layers, read_manifest,
                               write_layer)
-from .checkpoints import SafetensorsSource
-from .hub_transfer import Transfer
-from .range_reader import RangeReader
+from peft_alps.localization.sources.open import SafetensorsSource
+from peft_alps.localization.sources.hub_transfer import Transfer
+from peft_alps.localization.sources.hub_ranges import RangeReader
 
 READ_AHEAD = 2  # layers read ahead of the scoring, per model
 
@@ -107,7 +107,7 @@ def open_cache(folder: Path, name: str, manifest: dict[str, Any], reader: RangeR
                transfer: Transfer) -> HubAttentionSource:
     """The source of the attention cache in ``folder``, with a :class:`Fetcher` for its missing layers (``reader``
     reads them; it may be None only when none is missing)."""
-    from .checkpoints import _load_config
+    from peft_alps.localization.sources.open import _load_config
 
     entries = manifest_entries(manifest)
     missing = missing_layers(folder, entries)

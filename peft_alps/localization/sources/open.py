@@ -9,7 +9,7 @@ one KV group of one layer at a time) or a whole layer (:meth:`AttentionSource.la
   the process's memory by :meth:`AttentionSource.release` (nothing else in the file is read). A folder that holds
   only the attention tensors is fine;
 * a **Hub repo id**: only the q/k/v byte ranges are read (HTTP Range, with read-ahead) into a per-commit attention
-  cache, then read like a folder (:mod:`peft_alps.hub_source`); offline, or from a server without Range support,
+  cache, then read like a folder (:mod:`peft_alps.localization.sources.hub`); offline, or from a server without Range support,
   the shards that hold attention tensors are read whole from the Hugging Face cache (:func:`_hub_source`);
 * an in-memory **transformers model** is read module by module; a bitsandbytes 4/8-bit weight is
   dequantized one layer at a time (the last few layers are kept while their rows are asked for).
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .layouts import HeadDims, HeadLayout, Projection, layout_for_config
+from peft_alps.layouts import HeadDims, HeadLayout, Projection, layout_for_config
 
 SCORED_ROLES = ("q", "k", "v", "qkv", "qkv_grouped")  # the projections a head's score is built from
 INDEX_FILE = "model.safetensors.index.json"
@@ -410,10 +410,10 @@ class ModuleSource(AttentionSource):
 
     A PEFT model (or a model with adapters injected) is read as its forward pass computes, i.e. with its active
     adapters' deltas added, one projection at a time and without changing the model; ``frozen=True`` reads it
-    without adapters. See :mod:`peft_alps.adapted_weights`."""
+    without adapters. See :mod:`peft_alps.localization.sources.adapted_weights`."""
 
     def __init__(self, model: torch.nn.Module, name: str | None = None, frozen: bool = False):
-        from .adapted_weights import check_localizable
+        from peft_alps.localization.sources.adapted_weights import check_localizable
 
         check_localizable(model)
         self.frozen = frozen
@@ -443,7 +443,7 @@ class ModuleSource(AttentionSource):
             )
 
     def layer(self, index: int) -> LayerTensors:
-        from .adapted_weights import projection_weight
+        from peft_alps.localization.sources.adapted_weights import projection_weight
 
         out = {}
         for proj in self.projections:
@@ -457,7 +457,7 @@ class ModuleSource(AttentionSource):
 def _stored_weight(module: torch.nn.Module) -> torch.Tensor:
     """A plain layer's weight; bitsandbytes 4/8-bit etc.: this one layer, dequantized (a CPU 4-bit weight that
     bitsandbytes repacked for inference is restored first, inside dequantized_weight)."""
-    from .quantization import dequantized_weight, is_quantized_linear
+    from peft_alps.tuner.quantization import dequantized_weight, is_quantized_linear
 
     if is_quantized_linear(module):
         return dequantized_weight(module, dtype=None)
@@ -483,7 +483,7 @@ def open_source(model_or_path: Any, *, revision: str | None = None, cache_dir: s
     folder = local_folder(model_or_path)
     if folder is not None:
         return SafetensorsSource(folder, name=text)
-    from .hub_source import hub_source
+    from peft_alps.localization.sources.hub import hub_source
 
     return hub_source(text, revision=revision, cache_dir=cache_dir)
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from .config import AlpsConfig
-from .layer import AlpsLayer
+from peft_alps.tuner.config import AlpsConfig
+from peft_alps.tuner.layer import AlpsLayer
 
 COMBINATION_TYPES = ("linear",)
 

@@ -26,7 +26,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
-from .layer import AlpsLayer
+from peft_alps.tuner.layer import AlpsLayer
 
 
 def _merge_first(module_name: str, layer: nn.Module, adapter: str, why: str) -> ValueError:

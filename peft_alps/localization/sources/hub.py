@@ -6,18 +6,18 @@ Hub checkpoint can be read without the rest (the MLPs and embeddings, ~90% of a 
 
 1. the revision is resolved to its commit (``HfApi.model_info``; skipped when it is a commit sha whose attention
    is cached), and ``refs/{revision}`` of the attention cache records it;
-2. a complete per-commit attention cache (:mod:`peft_alps.attention_cache`) is used as it is, and a second run
+2. a complete per-commit attention cache (:mod:`peft_alps.localization.sources.hub_cache`) is used as it is, and a second run
    of a cached repo reads nothing from the network (not even the revision, when it is a commit sha);
 3. else ``config.json`` and the shard index come through ``hf_hub_download``, each shard's header is read with two
-   small Range requests (:mod:`peft_alps.range_reader`), and together they form the cache's manifest; the missing
-   layers are read in the background as the scoring asks for them (:mod:`peft_alps.read_ahead`), so a run that
+   small Range requests (:mod:`peft_alps.localization.sources.hub_ranges`), and together they form the cache's manifest; the missing
+   layers are read in the background as the scoring asks for them (:mod:`peft_alps.localization.sources.hub_read_ahead`), so a run that
    broke off resumes at the first missing layer.
 
 With ``HF_HUB_OFFLINE=1``, or when the Hub cannot be reached: a complete attention cache, else the shards in the
 Hugging Face cache, else a clear error that says what is cached. A server that answers a Range request with the
 whole file (200) makes this fall back, with one warning per endpoint, to downloading whole shards. Repos with only
 pickle weights (``*.bin``) are refused; nothing is unpickled. What each source cost is its ``transfer``
-(:mod:`peft_alps.hub_transfer`).
+(:mod:`peft_alps.localization.sources.hub_transfer`).
 """
 
 from __future__ import annotations
@@ -28,12 +28,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from .attention_cache import (MANIFEST, attention_cache_root, build_manifest, by_layer, manifest_entries,
+from peft_alps.localization.sources.hub_cache import (MANIFEST, attention_cache_root, build_manifest, by_layer, manifest_entries,
                               missing_layers, read_manifest, write_atomic)
-from .checkpoints import INDEX_FILE, SINGLE_FILE, _hub_source, _read_index
-from .hub_transfer import Transfer, format_bytes
-from .range_reader import RangeNotSupported, RangeReader
-from .read_ahead import open_cache, open_complete_cache
+from peft_alps.localization.sources.open import INDEX_FILE, SINGLE_FILE, _hub_source, _read_index
+from peft_alps.localization.sources.hub_transfer import Transfer, format_bytes
+from peft_alps.localization.sources.hub_ranges import RangeNotSupported, RangeReader
+from peft_alps.localization.sources.hub_read_ahead import open_cache, open_complete_cache
 
 _SHA = re.compile(r"^[0-9a-f]{40}$")
 _PICKLES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -72,7 +72,7 @@ def _resolve(repo_id: str, revision: str | None, name: str):
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
-    from ._version import __version__
+    from peft_alps._version import __version__
 
     try:
         info = HfApi(library_name="peft-alps", library_version=__version__).model_info(
@@ -92,7 +92,7 @@ def _new_manifest(reader: RangeReader, filenames: dict[str, int | None], folder:
     """Start the attention cache of a commit: its ``config.json`` and manifest (pickle-only repos are refused)."""
     from huggingface_hub import hf_hub_download
 
-    from .checkpoints import _load_config
+    from peft_alps.localization.sources.open import _load_config
 
     if INDEX_FILE not in filenames and SINGLE_FILE not in filenames:
         pickles = sorted(f for f in filenames if f.endswith(_PICKLES))

@@ -38,8 +38,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .layouts import layout_for_config
-from .sft_data import IGNORE_INDEX, DataError, collate, encode_record
+from peft_alps.layouts import layout_for_config
+from peft_alps.warmup.data import IGNORE_INDEX, DataError, collate, encode_record
 
 CHECKPOINT_FILE = "model.safetensors"
 METADATA_FILE = "warmup.json"
@@ -164,7 +164,7 @@ def attention_modules(model: nn.Module, roles: Iterable[str] = ATTENTION_ROLES) 
 def _as_examples(train_dataset: Any, tokenizer: Any) -> list[dict[str, list[int]]]:
     """Normalize the accepted dataset forms to ``[{"input_ids", "labels"}]``."""
     if isinstance(train_dataset, (str, os.PathLike)):
-        from .sft_data import load_jsonl_dataset
+        from peft_alps.warmup.data import load_jsonl_dataset
 
         return load_jsonl_dataset(train_dataset, tokenizer)
     examples = []
@@ -174,7 +174,7 @@ def _as_examples(train_dataset: Any, tokenizer: Any) -> list[dict[str, list[int]
             item = item.tolist()
         if isinstance(item, str):
             item = {"text": item}
-        elif hasattr(item, "tokens") and hasattr(item, "prompt_tokens"):  # peft_alps.synthetic.Example
+        elif hasattr(item, "tokens") and hasattr(item, "prompt_tokens"):  # peft_alps.demo.synthetic.Example
             prompt = len(item.prompt_tokens)
             item = {"input_ids": list(item.tokens), "labels": [IGNORE_INDEX] * prompt + list(item.tokens)[prompt:]}
         if isinstance(item, dict) or hasattr(item, "keys"):
@@ -306,7 +306,7 @@ def warmup(
 
     Args:
         model: a transformers causal LM (left unchanged), or a checkpoint folder to load one from.
-        train_dataset: a JSONL path (see :mod:`peft_alps.sft_data`), or an iterable of token-id lists / 1-D
+        train_dataset: a JSONL path (see :mod:`peft_alps.warmup.data`), or an iterable of token-id lists / 1-D
             tensors / dicts with ``input_ids`` (``labels`` optional) / strings or ``text`` / ``instruction``
             + ``output`` dicts (these need ``tokenizer``). A ``datasets.Dataset`` with those columns works too.
         steps: number of optimizer steps (cycling over the shuffled data). Exclusive with ``fraction``.
@@ -573,8 +573,8 @@ def run_warmup_command(args) -> int:
     The options were checked when they were parsed (``peft_alps_cli``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .checkpoints import read_config
-    from .sft_data import load_jsonl_dataset
+    from peft_alps.localization.sources.open import read_config
+    from peft_alps.warmup.data import load_jsonl_dataset
 
     base = str(args.base)
     config = read_config(base)  # the message localize gives for the same mistake

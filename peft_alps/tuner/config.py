@@ -9,7 +9,7 @@ from typing import Any, Optional, Union
 
 from peft.config import PeftConfig
 
-from .registration import ensure_peft_type
+from peft_alps.tuner.registration import ensure_peft_type
 
 TargetHeads = Union[Mapping[int, Iterable[int]], Iterable[tuple[int, int]]]
 
@@ -209,10 +209,10 @@ class AlpsConfig(PeftConfig):
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
         """PEFT's loader, plus a note of where the config came from: when the adapter is injected, the weights
         file next to it is checked (safetensors only, complete, right shapes, finite) before any module is
-        replaced; see :mod:`peft_alps.safe_loading`."""
+        replaced; see :mod:`peft_alps.tuner.safe_loading`."""
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         if isinstance(config, AlpsConfig):
-            from .safe_loading import AdapterSource
+            from peft_alps.tuner.safe_loading import AdapterSource
 
             hub_kwargs, _, _ = cls._split_kwargs(kwargs)
             config._weights_source = AdapterSource(str(pretrained_model_name_or_path), subfolder, dict(hub_kwargs))
@@ -233,7 +233,7 @@ class AlpsConfig(PeftConfig):
             raise ValueError("pass either target_heads or head_scores (with ratio= or k=), not both")
         if self.ratio is None and self.k is None:
             raise ValueError("head_scores needs ratio= (e.g. 0.1, the paper's default) or k= to choose how many heads")
-        from .scores import HeadScores
+        from peft_alps.scores import HeadScores
 
         scores = self.head_scores
         source = None
