@@ -1,7 +1,7 @@
 """Localization of Hub repos over a throttled link: ranged q/k/v reads against whole-shard downloads.
 
 The remote row of ``benchmarks/localize_bench.py`` (``python -m benchmarks.localize_bench --remote``). A local
-Hub stand-in (``tests/hub_server.py``, stdlib ``http.server`` on 127.0.0.1) serves a base/task pair through a
+Hub stand-in (``benchmarks/hub_server.py``, stdlib ``http.server`` on 127.0.0.1) serves a base/task pair through a
 link throttled to ``--bandwidth`` (default 100 MB/s, shared by all connections like one line). Each method runs in
 a fresh process with its own empty ``HF_HOME``, with ``HF_ENDPOINT`` pointed at the server; time is the wall time
 of the call alone (after the imports), bytes are the body bytes the server sent:
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import _common as C
-from benchmarks.localize_bench import PairShape, build_pair, parse_shape
+from benchmarks.checkpoint_pairs import PairShape, build_pair, parse_shape
 
 SHAPE = PairShape("16L x 32H x 2048, ffn 8192, vocab 32000 (~1.1B-param Llama)", 16, 32, 2048, 8, ffn=8192,
                   vocab=32000)
@@ -42,11 +42,11 @@ REAL_PAIRS = {"Qwen2.5-7B pair": (30e9, 1.8e9), "Llama-3-70B pair": (280e9, 27e9
 def worker(kind: str, result: Path) -> None:
     C.quiet_transformers()
     from peft_alps import localize_heads
-    from peft_alps.localization.sources.open import _hub_source
+    from peft_alps.localization.sources.hub_whole_files import whole_files_source
 
     start = time.perf_counter()
     if kind == "whole":
-        scores = localize_heads(_hub_source("org/base"), _hub_source("org/task"))
+        scores = localize_heads(whole_files_source("org/base"), whole_files_source("org/task"))
     else:
         scores = localize_heads("org/base", "org/task")
     elapsed = time.perf_counter() - start
@@ -68,7 +68,7 @@ def run_worker(kind: str, endpoint: str, home: Path) -> dict[str, Any]:
 
 def measure(shape: PairShape, root: Path, bandwidth: float, reps: int, seed: int = 0) -> dict[str, Any]:
     from peft_alps import localize_heads
-    from tests.hub_server import HubServer
+    from benchmarks.hub_server import HubServer
 
     base, task = build_pair(shape, root / "pair", seed=seed)
     checkpoint = sum(f.stat().st_size for d in (base, task) for f in d.glob("*.safetensors"))

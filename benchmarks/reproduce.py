@@ -88,7 +88,7 @@ class Setup:
     def config(self):
         from transformers import LlamaConfig
 
-        from peft_alps import synthetic
+        from peft_alps.demo import synthetic
 
         return LlamaConfig(
             hidden_size=self.width, intermediate_size=self.ffn, num_hidden_layers=self.layers,
@@ -147,7 +147,7 @@ def train(model, batches, steps: int, lr: float) -> list[float]:
 def pretrain(setup: Setup, seed: int):
     from transformers import AutoModelForCausalLM
 
-    from peft_alps import synthetic
+    from peft_alps.demo import synthetic
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(setup.config())
@@ -157,7 +157,7 @@ def pretrain(setup: Setup, seed: int):
 
 
 def sft(base, examples, setup: Setup, seed: int):
-    from peft_alps import synthetic
+    from peft_alps.demo import synthetic
 
     model = copy.deepcopy(base)
     model.requires_grad_(True)
@@ -200,7 +200,7 @@ def lora_method(base, rank: int, targets, seed: int):
 
 
 def evaluate(model, task_eval, other_evals: dict[str, list]) -> dict[str, Any]:
-    from peft_alps import synthetic
+    from peft_alps.demo import synthetic
 
     task = synthetic.evaluate(model, task_eval)
     others = {skill: synthetic.evaluate(model, exs)["loss"] for skill, exs in other_evals.items()}
@@ -216,7 +216,7 @@ _JOBS: list[tuple[str, Callable[[int], Any], list, list, dict, float]] = []  # s
 
 def _run_seed(seed: int) -> dict[str, dict[str, Any]]:
     """Every method of the experiment for one seed (runs in a forked worker when ``--jobs > 1``)."""
-    from peft_alps import synthetic
+    from peft_alps.demo import synthetic
 
     torch.set_num_threads(1)
     out: dict[str, dict[str, Any]] = {}
@@ -238,7 +238,8 @@ _SETUP: list[Setup] = []
 
 
 def run(args) -> dict[str, Any]:
-    from peft_alps import localize_heads, synthetic
+    from peft_alps import localize_heads
+    from peft_alps.demo import synthetic
 
     setup = args.setup
     t0 = time.perf_counter()

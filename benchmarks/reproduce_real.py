@@ -137,7 +137,7 @@ def load_base(setup: Setup, folder: Path):
 def model_folder(name: str) -> Path:
     if Path(name).is_dir():
         return Path(name)
-    from peft_alps import models
+    from peft_alps.demo import builtin_models as models
 
     return models.load(name)
 

@@ -157,7 +157,7 @@ def save_tiny_llama(folder: Path) -> list[int]:
 def smollm2_folder() -> tuple[Path, list[int]]:
     from transformers import AutoTokenizer
 
-    from peft_alps import models
+    from peft_alps.demo import builtin_models as models
 
     try:
         folder = Path(models.load("smollm2-135m"))

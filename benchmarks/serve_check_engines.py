@@ -150,7 +150,8 @@ def export_sizes(ratio: float = 0.1, seed: int = 0) -> dict[str, Any]:
     import transformers
     from peft import get_peft_model
 
-    from peft_alps import AlpsConfig, export_to_lora, models, select_random
+    from peft_alps import AlpsConfig, export_to_lora, select_random
+    from peft_alps.demo import builtin_models as models
 
     base = transformers.AutoModelForCausalLM.from_pretrained(models.load("smollm2-135m"))
     cfg = base.config

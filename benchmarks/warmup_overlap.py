@@ -99,7 +99,8 @@ def demo_settings(setup: Setup):
 
 def pretrain(setup: Setup):
     """The demo's base: pretrained on ``pretrain_examples`` examples of the other skills (several epochs)."""
-    from peft_alps import demo, synthetic
+    from peft_alps.demo import toy as demo
+    from peft_alps.demo import synthetic
 
     settings = demo_settings(setup)
     model = demo.build_model(settings)
@@ -109,7 +110,7 @@ def pretrain(setup: Setup):
 
 
 def full_sft(base, examples, setup: Setup, seed: int):
-    from peft_alps import demo
+    from peft_alps.demo import toy as demo
 
     torch.manual_seed(seed)
     model = copy.deepcopy(base)
@@ -121,7 +122,8 @@ def full_sft(base, examples, setup: Setup, seed: int):
 def train_alps(base, heads, examples, setup: Setup, seed: int):
     from peft import get_peft_model
 
-    from peft_alps import AlpsConfig, demo
+    from peft_alps import AlpsConfig
+    from peft_alps.demo import toy as demo
 
     torch.manual_seed(seed)
     model = get_peft_model(copy.deepcopy(base), AlpsConfig(target_heads=heads))
@@ -177,7 +179,8 @@ def compare(scores_a, scores_b, ratios=RATIOS) -> dict[str, Any]:
 
 
 def run(setup: Setup, workdir: Path) -> dict[str, Any]:
-    from peft_alps import localize_heads, synthetic
+    from peft_alps import localize_heads
+    from peft_alps.demo import synthetic
     from peft_alps.scores import num_selected
     from peft_alps import warmup
 

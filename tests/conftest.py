@@ -23,7 +23,7 @@ def _seed():
 @pytest.fixture(scope="session")
 def smollm2_folder():
     """The real SmolLM2-135M checkpoint folder (peft_alps.demo.builtin_models; built once per machine, then cached)."""
-    from peft_alps import models
+    from peft_alps.demo import builtin_models as models
 
     return models.load("smollm2-135m")
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import peft_alps
 from peft_alps import AlpsConfig
-from tests.tiny_models import batch, tiny_llama, tiny_qwen2, train_steps
+from tests.support.tiny_models import batch, tiny_llama, tiny_qwen2, train_steps
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -342,7 +342,7 @@ def test_reload_in_fresh_process_gives_same_outputs(tmp_path):
         import torch, peft_alps
         from peft import PeftModel, AutoPeftModelForCausalLM
         from transformers import AutoModelForCausalLM
-        from tests.tiny_models import batch
+        from tests.support.tiny_models import batch
         base = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'base')!r})
         model = PeftModel.from_pretrained(base, {str(tmp_path / 'adapter')!r}).eval()
         expected = torch.load({str(tmp_path / 'expected.pt')!r}, weights_only=True)
@@ -401,7 +401,7 @@ def test_registration_is_idempotent_in_fresh_process(body):
         assert PEFT_TYPE_TO_CONFIG_MAPPING["ALPS"].__name__ == "AlpsConfig"
         assert PEFT_TYPE_TO_TUNER_MAPPING["ALPS"].__name__ == "AlpsModel"
         from peft import get_peft_model
-        from tests.tiny_models import tiny_llama
+        from tests.support.tiny_models import tiny_llama
         import peft_alps
         m = get_peft_model(tiny_llama(), peft_alps.AlpsConfig(target_heads={0: [1]}))
         assert m.peft_type == "ALPS"

@@ -20,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 import peft_alps
 from peft_alps import AlpsConfig
-from tests.tiny_models import llama_config, tiny_llama
+from tests.support.tiny_models import llama_config, tiny_llama
 
 HEADS = {0: [1, 5], 2: [0]}  # on tiny_llama(): 3 layers, 8 query heads, 2 KV heads, head_dim 8, hidden 64
 WEIGHTS = "adapter_model.safetensors"

@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from benchmarks import localize_bench, reproduce, train_efficiency
+from benchmarks import checkpoint_pairs, localize_bench, reproduce, train_efficiency
 
 
 def _load(path):
@@ -108,8 +108,8 @@ def test_localize_bench_baseline_matches_scipy_definition(tmp_path):
     from scipy.stats import wasserstein_distance
     from safetensors.torch import load_file
 
-    shape = localize_bench.PairShape("t", 1, 4, 32, 2, dtype="float32", ffn=16, vocab=32)
-    base, task = localize_bench.build_pair(shape, tmp_path)
+    shape = checkpoint_pairs.PairShape("t", 1, 4, 32, 2, dtype="float32", ffn=16, vocab=32)
+    base, task = checkpoint_pairs.build_pair(shape, tmp_path)
     scores = localize_bench.authors_algorithm(str(base), str(task))
     wb, wt = load_file(str(base / "model.safetensors")), load_file(str(task / "model.safetensors"))
 
@@ -204,7 +204,7 @@ def test_teacher_forced_exact_match_equals_greedy_generation():
     """Oracle: answers are the model's own greedy continuations (one example at a time, unpadded); batched,
     left-padded teacher forcing must then call every one exact, and none once its last token is changed."""
     from benchmarks import real_data as D
-    from tests.tiny_models import VOCAB, tiny_llama
+    from tests.support.tiny_models import VOCAB, tiny_llama
 
     model = tiny_llama()
     g = torch.Generator().manual_seed(3)

@@ -7,7 +7,7 @@ import torch
 
 from peft_alps import HeadScores, localize_heads
 from peft_alps_cli import build_parser, main
-from tests.tiny_models import tiny_llama
+from tests.support.tiny_models import tiny_llama
 
 
 @pytest.fixture
@@ -184,7 +184,8 @@ def test_parser_constants_equal_their_sources():
     import importlib
 
     import peft_alps_cli as cli
-    from peft_alps import localization, synthetic
+    from peft_alps.localization import pad as localization
+    from peft_alps.demo import synthetic
     from peft_alps.demo.toy import DemoSettings
     from peft_alps_cli import options
 
@@ -220,7 +221,7 @@ def test_import_is_quiet_and_the_bitsandbytes_filter_is_narrow(caplog):
     import subprocess
     import sys
 
-    from peft_alps import quiet
+    from peft_alps.integrations import quiet
 
     proc = subprocess.run([sys.executable, "-c", "import peft_alps"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout == "" and quiet.BNB_KERNELS_NOTICE not in proc.stderr, proc.stderr

@@ -23,9 +23,10 @@ SCENARIO = textwrap.dedent('''
         warnings.simplefilter("always")
         import peft_alps
     from peft import PeftModel, get_peft_model, LoraConfig
-    from peft_alps import AlpsConfig, mixed
+    from peft_alps import AlpsConfig
+    from peft_alps.integrations import mixed
     from peft_alps.integrations.compat import IntegrationUnavailableWarning
-    from tests.tiny_models import batch, tiny_llama, train_steps
+    from tests.support.tiny_models import batch, tiny_llama, train_steps
 
     out = {"warnings": [str(w.message) for w in caught if issubclass(w.category, IntegrationUnavailableWarning)]}
     model = get_peft_model(tiny_llama(), AlpsConfig(target_heads={0: [1], 2: [3]}))
@@ -112,8 +113,10 @@ def test_each_break_switches_off_only_its_integration(scenario):
 def test_skip_env_switches_mixed_support_off_without_a_warning(monkeypatch):
     from peft import get_peft_model
 
-    from peft_alps import AlpsConfig, compat, mixed
-    from tests.tiny_models import tiny_llama
+    from peft_alps import AlpsConfig
+    from peft_alps.integrations import compat
+    from peft_alps.integrations import mixed
+    from tests.support.tiny_models import tiny_llama
 
     monkeypatch.setenv(mixed.SKIP_ENV, "1")
     mixed.install()
@@ -130,9 +133,11 @@ def test_skip_env_switches_mixed_support_off_without_a_warning(monkeypatch):
 def test_switched_off_mixed_support_refuses_alps_only_when_asked(monkeypatch, tmp_path):
     from peft import LoraConfig, PeftMixedModel, get_peft_model
 
-    from peft_alps import AlpsConfig, compat, mixed
+    from peft_alps import AlpsConfig
+    from peft_alps.integrations import compat
+    from peft_alps.integrations import mixed
     from peft_alps.integrations.compat import IntegrationUnavailableWarning
-    from tests.tiny_models import tiny_llama
+    from tests.support.tiny_models import tiny_llama
 
     saved = get_peft_model(tiny_llama(), AlpsConfig(target_heads={0: [1]}))
     saved.save_pretrained(tmp_path / "alps")

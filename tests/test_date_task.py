@@ -6,10 +6,10 @@ import re
 import pytest
 import torch
 
-from peft_alps import date_task
+from peft_alps.demo import date_task
 from peft_alps.cli import main
 from peft_alps.demo.real import lora_rank_matching
-from tests.tiny_models import tiny_llama
+from tests.support.tiny_models import tiny_llama
 
 
 def parse_date(sentence):

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tiny_models import tiny_llama
+from tests.support.tiny_models import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def training_digest(seed: int) -> str:
     from peft import get_peft_model
 
     from peft_alps import AlpsConfig
-    from tests.tiny_models import batch, tiny_llama, train_steps
+    from tests.support.tiny_models import batch, tiny_llama, train_steps
 
     torch.manual_seed(seed)
     model = get_peft_model(tiny_llama(seed=seed), AlpsConfig(target_heads={0: [1, 6], 2: [3]}))

@@ -15,8 +15,9 @@ from peft import get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from peft_alps import AlpsConfig, synthetic
-from tests.tiny_models import llama_config
+from peft_alps import AlpsConfig
+from peft_alps.demo import synthetic
+from tests.support.tiny_models import llama_config
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ROOT / "benchmarks" / "accelerate"

@@ -158,7 +158,7 @@ def workspace(tmp_path_factory):
     from transformers import AutoModelForCausalLM
 
     from peft_alps import AlpsConfig, localize_heads
-    from tests.tiny_models import llama_config
+    from tests.support.tiny_models import llama_config
 
     root = tmp_path_factory.mktemp("snippet-workspace")
     base_dir, task_dir = root / "path" / "to" / "base", root / "path" / "to" / "task"

@@ -7,7 +7,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from tests.benchmark_scripts import load_script
+from tests.support.benchmark_scripts import load_script
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,8 @@ from safetensors.torch import load, load_file
 
 import peft_alps
 from peft_alps import AlpsConfig
-from peft_alps import model_card as alps_card
-from tests.tiny_models import batch, tiny_llama
+from peft_alps.integrations import model_card as alps_card
+from tests.support.tiny_models import batch, tiny_llama
 
 HEADS = {0: [1, 5], 2: [0]}
 

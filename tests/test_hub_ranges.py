@@ -1,6 +1,6 @@
 """Localizing Hub repos by HTTP Range reads of their q/k/v bytes (issue 16), against a real HTTP server.
 
-The real ``huggingface_hub`` client talks to :class:`tests.hub_server.HubServer` on 127.0.0.1 (``HF_ENDPOINT``
+The real ``huggingface_hub`` client talks to :class:`benchmarks.hub_server.HubServer` on 127.0.0.1 (``HF_ENDPOINT``
 pointed at it, offline mode off only inside these tests), which counts the body bytes of every request. The
 checkpoints are sharded bf16 Llamas whose q/k/v tensors are ~5% of the bytes (big MLP and embeddings).
 """
@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from peft_alps import localize_heads
 from peft_alps.localization.sources.hub_cache import attention_cache_root
-from tests.hub_server import HubServer, commit_of
+from benchmarks.hub_server import HubServer, commit_of
 
 LAYERS = 4
 QKV = ("q_proj", "k_proj", "v_proj")

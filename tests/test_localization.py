@@ -15,7 +15,7 @@ from scipy.stats import wasserstein_distance
 
 from peft import PeftModel, get_peft_model
 from peft_alps import AlpsConfig, HeadScores, localize_heads, select_layer_consistent, select_random
-from tests.tiny_models import tiny_llama
+from tests.support.tiny_models import tiny_llama
 
 
 def _pair(num_heads=8, num_kv_heads=2, layers=3, seed=0, noise=0.02):
@@ -437,7 +437,7 @@ def test_bnb_4bit_model_is_dequantized_layer_by_layer(tmp_path):
 
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from tests.tiny_models import llama_config
+    from tests.support.tiny_models import llama_config
 
     cfg = llama_config(num_heads=8, num_kv_heads=4, head_dim=8)  # bnb's CPU kernels: rows % 32, cols % 64
     cfg.intermediate_size = 128

@@ -15,7 +15,7 @@ import transformers
 from peft import IA3Config, LoraConfig, PeftModel, PrefixTuningConfig, get_peft_model
 
 from peft_alps import AlpsConfig, localize_heads
-from tests.tiny_models import tiny_llama
+from tests.support.tiny_models import tiny_llama
 
 QKV = ["q_proj", "k_proj", "v_proj"]
 

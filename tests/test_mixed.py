@@ -12,8 +12,9 @@ from peft import LoraConfig, PeftMixedModel, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
 import peft_alps
-from peft_alps import AlpsConfig, mixed
-from tests.tiny_models import batch, tiny_llama, train_steps
+from peft_alps import AlpsConfig
+from peft_alps.integrations import mixed
+from tests.support.tiny_models import batch, tiny_llama, train_steps
 
 N_HEADS, N_KV, D = 8, 2, 8
 ALPS_HEADS = {0: [1, 6], 2: [3]}

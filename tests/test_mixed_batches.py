@@ -14,7 +14,7 @@ from peft import get_peft_model
 
 import peft_alps
 from peft_alps import AlpsConfig
-from tests.tiny_models import tiny_llama
+from tests.support.tiny_models import tiny_llama
 
 VOCAB = 61
 ADAPTERS = {"math": {0: [1], 2: [0, 3]}, "code": {1: [2], 2: [3]}}  # overlap at layer 2, head 3

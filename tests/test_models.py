@@ -12,7 +12,7 @@ import gguf
 import numpy as np
 import pytest
 
-from peft_alps import models
+from peft_alps.demo import builtin_models as models
 from peft_alps.cli import BUILTIN_MODEL_NAMES, main
 
 

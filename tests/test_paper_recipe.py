@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
 from peft_alps import AlpsConfig, modules_outside_attention, paper_recipe
-from tests.tiny_models import batch, tiny_llama, train_steps
+from tests.support.tiny_models import batch, tiny_llama, train_steps
 
 HEADS = {0: [1], 2: [4, 5]}  # 8 query heads, 2 KV groups of 4, head_dim 8
 D, GROUP = 8, 4

@@ -27,7 +27,7 @@ from transformers import (
 
 from peft_alps import AlpsConfig
 
-from .peft_upstream import REQUIRE_ENV, SdistUnavailable, load_testing_common
+from tests.support.peft_upstream import REQUIRE_ENV, SdistUnavailable, load_testing_common
 
 _WORKDIR = tempfile.mkdtemp(prefix="peft-alps-peft-tests-")
 atexit.register(shutil.rmtree, _WORKDIR, ignore_errors=True)

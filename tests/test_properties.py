@@ -14,7 +14,7 @@ from peft import get_peft_model
 
 from peft_alps import AlpsConfig, AlpsLayer
 from peft_alps.layouts import HeadDims, head_parts, head_slice
-from tests.tiny_models import tiny_llama
+from tests.support.tiny_models import tiny_llama
 
 SETTINGS = dict(deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 import peft_alps
 from peft_alps import AlpsConfig
 from peft_alps.tuner.quantization import dequantized_weight, restore_4bit_layout
-from tests.tiny_models import batch, llama_config
+from tests.support.tiny_models import batch, llama_config
 
 bnb = pytest.importorskip("bitsandbytes")
 from transformers import BitsAndBytesConfig  # noqa: E402

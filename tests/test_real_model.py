@@ -12,7 +12,7 @@ pytestmark = pytest.mark.real
 def test_materialized_folder_is_an_ordinary_checkpoint(smollm2_folder):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peft_alps import models
+    from peft_alps.demo import builtin_models as models
 
     names = {p.name for p in smollm2_folder.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json", models.MARKER} <= names
@@ -67,7 +67,7 @@ def base(_base):
 
 @pytest.fixture(scope="module")
 def date_batch(tokenizer):
-    from peft_alps import date_task
+    from peft_alps.demo import date_task
 
     examples = date_task.encode(tokenizer, date_task.make_examples(4, seed=7))
     return date_task.collate(examples, tokenizer.pad_token_id)
@@ -258,7 +258,7 @@ def test_quick_demo_adapter_loads_offline_with_autopeftmodel(tmp_path, smollm2_f
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from peft_alps import date_task
+    from peft_alps.demo import date_task
     from peft_alps.cli import main
 
     out = tmp_path / "alps-demo"

@@ -17,7 +17,7 @@ from peft import PeftModel, get_peft_model
 from peft.utils import load_peft_weights
 
 from peft_alps import AlpsConfig
-from tests.tiny_models import tiny_llama
+from tests.support.tiny_models import tiny_llama
 
 PACKAGE = Path(__file__).resolve().parents[1] / "peft_alps"
 

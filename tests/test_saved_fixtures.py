@@ -8,7 +8,7 @@ from peft import PeftModel
 
 import peft_alps  # noqa: F401
 from peft_alps import HeadScores, WarmupCheckpoint, localize_heads
-from tests.tiny_models import batch, tiny_llama, tiny_qwen2
+from tests.support.tiny_models import batch, tiny_llama, tiny_qwen2
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

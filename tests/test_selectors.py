@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from peft_alps.localization.scorers import gradient_scores, weight_change_scores
-from tests.tiny_models import batch, tiny_llama, train_steps
+from tests.support.tiny_models import batch, tiny_llama, train_steps
 
 
 def _oracle(model_a, model_b_or_grads, num_heads=8, num_kv=2, head_dim=8):

@@ -11,7 +11,7 @@ import types
 import pytest
 from transformers import AutoConfig, AutoTokenizer
 
-from tests.benchmark_scripts import load_script
+from tests.support.benchmark_scripts import load_script
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from peft_alps import synthetic as syn
+from peft_alps.demo import synthetic as syn
 
 
 def _number(tokens):

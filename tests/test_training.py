@@ -21,7 +21,7 @@ from trl import SFTConfig, SFTTrainer
 
 import peft_alps  # noqa: F401  (registers ALPS with PEFT)
 from peft_alps import AlpsConfig
-from tests.tiny_models import VOCAB, batch, tiny_llama
+from tests.support.tiny_models import VOCAB, batch, tiny_llama
 
 transformers.logging.set_verbosity_error()
 

@@ -8,7 +8,7 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from peft_alps import AlpsConfig, AlpsLayer
-from tests.tiny_models import batch, tiny_llama
+from tests.support.tiny_models import batch, tiny_llama
 
 HEADS_A = {0: [1, 4], 2: [3]}
 HEADS_B = {1: [0, 7]}

@@ -9,12 +9,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from peft_alps import synthetic
+from peft_alps.demo import synthetic
 from peft_alps.warmup.data import ALPACA_PROMPT, DataError, alpaca_prompt, load_jsonl_dataset
 from peft_alps.warmup.train import WarmupCheckpoint, warmup
 from transformers import AutoModelForCausalLM
 
-from tests.tiny_models import VOCAB, llama_config, tiny_llama, tiny_qwen2
+from tests.support.tiny_models import VOCAB, llama_config, tiny_llama, tiny_qwen2
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -336,7 +336,7 @@ def test_head_overlap_against_scipy_and_sets():
     from scipy.stats import spearmanr
 
     from peft_alps.scores import HeadScores
-    from peft_alps.warmup.train import head_overlap
+    from peft_alps.scores import head_overlap
 
     rng = torch.Generator().manual_seed(3)
     a = torch.rand(3, 8, generator=rng, dtype=torch.float64).numpy()

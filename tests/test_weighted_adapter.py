@@ -16,7 +16,7 @@ from peft import PeftModel, get_peft_model
 
 import peft_alps
 from peft_alps import AlpsConfig
-from tests.tiny_models import batch, tiny_llama
+from tests.support.tiny_models import batch, tiny_llama
 
 MATH = {0: [1, 5], 2: [3]}
 CODE = {1: [0], 2: [3, 6]}  # overlaps MATH at layer 2, head 3; heads 3 and 6 are in different KV groups

@@ -31,7 +31,8 @@ import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-from peft_alps import AlpsConfig, synthetic
+from peft_alps import AlpsConfig
+from peft_alps.demo import synthetic
 
 
 def parse_args(argv=None) -> argparse.Namespace:

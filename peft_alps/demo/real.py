@@ -200,40 +200,62 @@ def _task_model_and_heads(base, folder: Path, train_set, eval_set, pad: int, set
     return scores, row
 
 
-def _train_adapters(base, scores, train_set, eval_set, tokenizer, shown, settings: RealDemoSettings, out: Path):
-    """ALPS on the top heads, ALPS on random heads, LoRA at equal parameters: rows, and ALPS's generations."""
+ARMS = ("ALPS, top heads", "ALPS, random heads", "LoRA")
+
+
+def arm_model(base, arm: str, scores, settings: RealDemoSettings, heads_file: Path, alps_params: int | None):
+    """A fresh trainable copy of ``base`` for one of the demo's ``ARMS``: ALPS on the top heads (from the saved
+    ``heads_file``), ALPS on as many random heads (``settings.seed``), or LoRA on q/k/v/o of every layer at the rank
+    whose trainable parameters are nearest ``alps_params``. Returns (its display name, the PEFT model, its config)."""
     from peft import LoraConfig, get_peft_model
 
     from peft_alps.tuner.config import AlpsConfig
+
+    if arm == ARMS[0]:
+        config = AlpsConfig(head_scores=str(heads_file), ratio=settings.ratio)
+    elif arm == ARMS[1]:
+        config = AlpsConfig(target_heads=scores.random(settings.ratio, seed=settings.seed))
+    elif arm == ARMS[2]:
+        model_in = copy.deepcopy(base)
+        r = lora_rank_matching(model_in, alps_params)
+        config = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
+        return f"LoRA r={r} (q,k,v,o, all layers)", get_peft_model(model_in, config), config
+    else:
+        raise ValueError(f"unknown demo arm {arm!r}; choose from {ARMS}")
+    return arm, get_peft_model(copy.deepcopy(base), config), config
+
+
+def train_arm(model, train_set, pad: int, settings: RealDemoSettings, lr: float, desc: str) -> None:
+    """The demo's training of every arm: ``settings.adapter_steps`` shuffled batches, AdamW, warm-up + cosine."""
     from peft_alps.demo.toy import fit
 
+    batches = date_task.batches(train_set, settings.batch_size, pad, seed=settings.seed + 2)
+    fit(model, batches, settings.adapter_steps, lr, desc=desc, progress=settings.progress)
+
+
+def _train_adapters(base, scores, train_set, eval_set, tokenizer, shown, settings: RealDemoSettings, out: Path):
+    """ALPS on the top heads, ALPS on random heads, LoRA at equal parameters: rows, and ALPS's generations."""
+    from peft_alps.tuner.config import AlpsConfig
+
     pad = tokenizer.pad_token_id
-    top = AlpsConfig(head_scores=str(out / "heads.json"), ratio=settings.ratio)
-    plans = [("ALPS, top heads", top, settings.adapter_lr),
-             ("ALPS, random heads", AlpsConfig(target_heads=scores.random(settings.ratio, seed=settings.seed)),
-              settings.adapter_lr)]
+    rates = {ARMS[0]: settings.adapter_lr, ARMS[1]: settings.adapter_lr, ARMS[2]: settings.lora_lr}
     rows, after = [], []
     alps_params = None
-    for step, (name, config, lr) in enumerate(plans + [("LoRA", None, settings.lora_lr)], start=1):
-        model_in = copy.deepcopy(base)
-        if config is None:  # LoRA, sized to the ALPS adapter
-            r = lora_rank_matching(model_in, alps_params)
-            config = LoraConfig(r=r, lora_alpha=r, lora_dropout=0.0, target_modules=list(LORA_TARGETS))
-            name = f"LoRA r={r} (q,k,v,o, all layers)"
-        model = get_peft_model(model_in, config)
+    for step, arm in enumerate(ARMS, start=1):
+        name, model, config = arm_model(base, arm, scores, settings, out / "heads.json", alps_params)
+        lr = rates[arm]
         params = trainable_parameters(model)
         alps_params = alps_params or params
         heads = f"{config.num_selected_heads} heads, " if isinstance(config, AlpsConfig) else ""
         print(f"[4/5] adapter {step}/3: {name}: {heads}{params:,} trainable parameters, lr {lr}")
-        batches = date_task.batches(train_set, settings.batch_size, pad, seed=settings.seed + 2)
         with measure() as usage:
-            fit(model, batches, settings.adapter_steps, lr, desc=name, progress=settings.progress)
+            train_arm(model, train_set, pad, settings, lr, desc=name)
         rows.append(_row(name, date_task.evaluate(model, eval_set, pad), params, usage, lr=lr,
                          heads=getattr(config, "num_selected_heads", None)))
         if step == 1:
             after = [date_task.generate(model, tokenizer, ex.question) for ex in shown]
             model.save_pretrained(out / "alps-adapter")
-        del model, model_in
+        del model
     matched = rows[-1]["trainable_params"] / alps_params
     print(f"[5/5] LoRA's trainable parameters are {matched:.0%} of ALPS's (nearest whole rank)")
     return rows, after

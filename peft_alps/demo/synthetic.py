@@ -21,7 +21,7 @@ Everything is a pure function of its ``seed``: the same call gives the same exam
 
 Example::
 
-    from peft_alps import synthetic
+    from peft_alps.demo import synthetic
     train = synthetic.make_examples("arithmetic", 2000, seed=0)
     batch = synthetic.collate(train[:32])              # input_ids / attention_mask / labels tensors
     synthetic.evaluate(model, synthetic.make_examples("arithmetic", 200, seed=1))  # {"loss": .., "accuracy": ..}

@@ -149,7 +149,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 def _warmup_comparison(base, task_train, scores, settings: DemoSettings, out: Path) -> dict[str, Any]:
     """No task model? Warm up the attention on a share of the data, localize, compare with the full task model."""
     from peft_alps.localization.pad import localize_heads
-    from peft_alps.warmup.train import head_overlap, warmup
+    from peft_alps.scores import head_overlap
+    from peft_alps.warmup.train import warmup
 
     print(f"      no task model? warm-up: attention only, one pass over {settings.warmup_fraction:.0%} of the task data")
     t0 = time.perf_counter()

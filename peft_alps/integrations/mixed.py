@@ -46,6 +46,7 @@ from peft_alps.tuner.layer import AlpsLayer
 from peft_alps.tuner.model import AlpsModel, check_loaded_deltas
 from peft_alps.tuner.registration import PREFIX, ensure_peft_type
 from peft_alps.tuner.partial_backprop import install_partial_backprop, uninstall_partial_backprop
+from peft_alps.tuner.stacked_names import canonical_key, canonical_module_names
 
 SKIP_ENV = "PEFT_ALPS_SKIP_MIXED"
 TESTED_PEFT = "0.21"  #: the PEFT minor release whose mixed-model internals these checks were written against
@@ -315,34 +316,6 @@ def is_installed() -> bool:
 # --------------------------------------------------------------------------------------------- saving
 
 
-def _canonical_module_names(model: nn.Module) -> dict[str, str]:
-    """Tuner layer name -> the name it would have with only its own adapter type on the model.
-
-    When two adapter types wrap the same projection, the inner wrapper sits at ``<name>.base_layer``; a model with
-    only that adapter type has it at ``<name>``.
-    """
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    tuner_names = {name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)}
-    canonical = {}
-    for name in sorted(tuner_names, key=len):
-        parent, _, last = name.rpartition(".")
-        if last == "base_layer" and parent in tuner_names:
-            canonical[name] = canonical[parent]
-        else:
-            canonical[name] = name
-    return canonical
-
-
-def _canonical_key(key: str, canonical: dict[str, str]) -> str:
-    parts = key.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        module = ".".join(parts[:cut])
-        if module in canonical:
-            return ".".join([canonical[module], *parts[cut:]])
-    return key
-
-
 def save_mixed_adapters(
     model: nn.Module,
     save_directory: Union[str, os.PathLike],
@@ -365,12 +338,12 @@ def save_mixed_adapters(
     unknown = [n for n in names if n not in configs]
     if unknown:
         raise ValueError(f"adapter(s) {unknown} not found; this model has {sorted(configs)}")
-    canonical = _canonical_module_names(model)
+    canonical = canonical_module_names(model)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model.base_model.model
     written = {}
     for name in names:
         state = get_peft_model_state_dict(model, adapter_name=name)
-        state = {_canonical_key(k, canonical): v.detach().contiguous().clone() for k, v in state.items()}
+        state = {canonical_key(k, canonical): v.detach().contiguous().clone() for k, v in state.items()}
         out = Path(save_directory) / name
         out.mkdir(parents=True, exist_ok=True)
         save_file(state, str(out / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})

@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from peft_alps.localization.sources.adapted_weights import reads_frozen_base
-from peft_alps.localization.sources.open import AttentionSource, open_source
+from peft_alps.localization.sources.base import AttentionSource
+from peft_alps.localization.sources.open import open_source
 from peft_alps.localization.sources.hub_transfer import bytes_read, format_bytes
 from peft_alps.layouts import HeadDims, head_parts
 from peft_alps.scores import HeadScores

@@ -20,7 +20,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
-from peft_alps.localization.sources.open import SCORED_ROLES, open_source
+from peft_alps.localization.sources.base import SCORED_ROLES
+from peft_alps.localization.sources.open import open_source
 from peft_alps.layouts import HeadDims, Projection, head_parts, layout_for_config
 from peft_alps.localization.pad import check_same_geometry
 from peft_alps.scores import HeadScores

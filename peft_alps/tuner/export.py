@@ -51,6 +51,7 @@ import torch
 from torch import nn
 
 from peft_alps.tuner.layer import AlpsLayer
+from peft_alps.tuner.stacked_names import canonical_module_names
 
 #: Largest LoRA rank vLLM serves (its ``max_lora_rank`` choices end at 512).
 VLLM_MAX_RANK = 512
@@ -111,12 +112,10 @@ def _transformers_model(peft_model: nn.Module) -> nn.Module:
 
 
 def _collect(peft_model: nn.Module, adapter_name: str, dtype: Optional[torch.dtype]) -> list[_Head]:
-    from peft_alps.integrations.mixed import _canonical_module_names
-
     heads = []
     model = _transformers_model(peft_model)
     # in a mixed model, an ALPS layer wrapped by another tuner sits at ``<name>.base_layer``
-    canonical = _canonical_module_names(model)
+    canonical = canonical_module_names(model)
     for name, module in model.named_modules():
         if not isinstance(module, AlpsLayer) or adapter_name not in module.alps_delta:
             continue
@@ -143,11 +142,9 @@ def _complete(peft_model: nn.Module, heads: list[_Head]) -> tuple[list[_Head], l
     """The complete form: every layer's module of each exported projection type (q, k and v together), with zero
     factors where no head is owned; and the ``target_modules`` that name exactly those modules."""
     from peft_alps.layouts import layout_for_config
-    from peft_alps.integrations.mixed import _canonical_module_names
-
     model = _transformers_model(peft_model)
     layout, _ = layout_for_config(model.config)
-    canonical = _canonical_module_names(model)
+    canonical = canonical_module_names(model)
     names = [canonical.get(n, n) for n, _ in model.named_modules()]
     modules = dict(model.named_modules())
     paths = {layout.match(h.name)[1].path for h in heads}

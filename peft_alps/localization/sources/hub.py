@@ -30,7 +30,9 @@ from typing import Any
 
 from peft_alps.localization.sources.hub_cache import (MANIFEST, attention_cache_root, build_manifest, by_layer, manifest_entries,
                               missing_layers, read_manifest, write_atomic)
-from peft_alps.localization.sources.open import INDEX_FILE, SINGLE_FILE, _hub_source, _read_index
+from peft_alps.localization.sources.base import INDEX_FILE, SINGLE_FILE
+from peft_alps.localization.sources.folder import load_config, read_index
+from peft_alps.localization.sources.hub_whole_files import whole_files_source
 from peft_alps.localization.sources.hub_transfer import Transfer, format_bytes
 from peft_alps.localization.sources.hub_ranges import RangeNotSupported, RangeReader
 from peft_alps.localization.sources.hub_read_ahead import open_cache, open_complete_cache
@@ -92,7 +94,6 @@ def _new_manifest(reader: RangeReader, filenames: dict[str, int | None], folder:
     """Start the attention cache of a commit: its ``config.json`` and manifest (pickle-only repos are refused)."""
     from huggingface_hub import hf_hub_download
 
-    from peft_alps.localization.sources.open import _load_config
 
     if INDEX_FILE not in filenames and SINGLE_FILE not in filenames:
         pickles = sorted(f for f in filenames if f.endswith(_PICKLES))
@@ -108,8 +109,8 @@ def _new_manifest(reader: RangeReader, filenames: dict[str, int | None], folder:
     config_path = fetch("config.json")
     folder.mkdir(parents=True, exist_ok=True)
     write_atomic(folder / "config.json", Path(config_path).read_bytes())
-    config = _load_config(folder, name)
-    weight_map = _read_index(Path(fetch(INDEX_FILE)), name) if INDEX_FILE in filenames else None
+    config = load_config(folder, name)
+    weight_map = read_index(Path(fetch(INDEX_FILE)), name) if INDEX_FILE in filenames else None
     manifest = build_manifest(reader, config, weight_map, filenames)
     write_atomic(folder / MANIFEST, json.dumps(manifest).encode())
     return manifest
@@ -129,7 +130,7 @@ def _offline_source(repo_id: str, revision: str | None, cache_dir, root: Path, n
     if commit is not None and (cached := open_complete_cache(root / commit, name)):
         return cached
     try:
-        source = _hub_source(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True)
+        source = whole_files_source(repo_id, revision=revision, cache_dir=cache_dir, local_files_only=True)
     except Exception as err:  # noqa: BLE001 - every failure becomes one clear OSError
         partly = _partly_cached(root / commit) if commit else ""
         why = ("HF_HUB_OFFLINE=1 is set" if reason is None else f"the Hub could not be reached ({reason})")
@@ -169,7 +170,7 @@ def _whole_files(repo_id: str, commit: str, cache_dir, name: str, err: RangeNotS
         )
     blobs = Path(cache_dir or constants.HF_HUB_CACHE) / repo_folder_name(repo_id=repo_id, repo_type="model") / "blobs"
     before = set(blobs.iterdir()) if blobs.is_dir() else set()
-    source = _hub_source(repo_id, revision=commit, cache_dir=cache_dir)
+    source = whole_files_source(repo_id, revision=commit, cache_dir=cache_dir)
     source.name = name
     downloaded = sum(p.stat().st_size for p in set(blobs.iterdir()) - before) if blobs.is_dir() else 0
     source.transfer = Transfer(repo=name, mode="whole files", bytes_read=downloaded)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peft_alps.localization.sources.open import SCORED_ROLES, SINGLE_FILE
+from peft_alps.localization.sources.base import SCORED_ROLES, SINGLE_FILE
 from peft_alps.layouts import layout_for_config
 from peft_alps.localization.sources.hub_ranges import RangeReader, read_header
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from peft_alps.localization.sources.hub_cache import (Entry, by_layer, layer_file_name, manifest_entries, missing_layers, read_manifest,
                               write_layer)
-from peft_alps.localization.sources.open import SafetensorsSource
+from peft_alps.localization.sources.folder import SafetensorsSource, load_config
 from peft_alps.localization.sources.hub_transfer import Transfer
 from peft_alps.localization.sources.hub_ranges import RangeReader
 
@@ -107,7 +107,6 @@ def open_cache(folder: Path, name: str, manifest: dict[str, Any], reader: RangeR
                transfer: Transfer) -> HubAttentionSource:
     """The source of the attention cache in ``folder``, with a :class:`Fetcher` for its missing layers (``reader``
     reads them; it may be None only when none is missing)."""
-    from peft_alps.localization.sources.open import _load_config
 
     entries = manifest_entries(manifest)
     missing = missing_layers(folder, entries)
@@ -115,7 +114,7 @@ def open_cache(folder: Path, name: str, manifest: dict[str, Any], reader: RangeR
     transfer.attention_bytes = sum(e.size for e in entries)
     transfer.layers_cached = len(by_layer(entries)) - len(missing)
     transfer.cache_dir = folder
-    source = HubAttentionSource(folder, name, entries, _load_config(folder, name), transfer, reader)
+    source = HubAttentionSource(folder, name, entries, load_config(folder, name), transfer, reader)
     if missing:  # (started once the source has checked that every layer's tensors are there)
         layers = by_layer(entries)
 

@@ -17,14 +17,15 @@ import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import fully_shard
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks" / "accelerate"))
 
 import train_alps  # noqa: E402
 from peft import get_peft_model  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from peft_alps import AlpsConfig, synthetic  # noqa: E402
+from peft_alps import AlpsConfig  # noqa: E402
+from peft_alps.demo import synthetic
 
 
 def fsdp2_train(base: str, heads: dict, out: str, steps: int, global_batch: int) -> None:
