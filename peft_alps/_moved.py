@@ -95,6 +95,8 @@ def forward_old_names(old: str, new: str, namespace: dict[str, Any]) -> Callable
     def __getattr__(name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
+        if importlib.util.find_spec(f"{old}.{name}") is not None:  # the folder's own module: no old name at all
+            return importlib.import_module(f"{old}.{name}")
         module = importlib.import_module(new)
         try:
             value = getattr(module, name)

@@ -43,7 +43,7 @@ def two_processes(base_dir, tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
            "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(ROOT / "tests" / "distributed_worker.py"), str(base_dir), json.dumps(HEADS), str(out)]
+           str(ROOT / "tests" / "support" / "distributed_worker.py"), str(base_dir), json.dumps(HEADS), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out

@@ -54,3 +54,15 @@ def test_every_name_peft_alps_exported_still_imports_from_peft_alps_without_a_wa
     assert callable(peft_alps.warmup) and callable(peft_alps.paper_recipe)  # the functions, not the folders/modules
     # importing an old path sets it as an attribute of the package: it must never name one of the package's own names
     assert not set(MOVED) & {f"peft_alps.{name}" for name in peft_alps.__all__}
+
+
+def test_a_folders_own_module_imports_from_it_without_a_warning():
+    import subprocess
+
+    code = ("import warnings\nimport peft_alps\nwarnings.simplefilter('error', DeprecationWarning)\n"
+            "from peft_alps.demo import synthetic, toy\nfrom peft_alps.warmup import data\n"
+            "from peft_alps.localization import scorers\nprint(synthetic.__name__, data.__name__, scorers.__name__)")
+    proc = subprocess.run([sys.executable, "-c", code],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["peft_alps.demo.synthetic", "peft_alps.warmup.data", "peft_alps.localization.scorers"]

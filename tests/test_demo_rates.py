@@ -1,0 +1,37 @@
+"""benchmarks.demo_rates: the grid-extension rule and the family choice, against hand-worked cases."""
+
+import pytest
+
+from benchmarks import demo_rates as DR
+
+
+def test_next_rate_extends_past_the_edge_that_holds_the_best_until_it_is_inside():
+    grid = list(DR.GRID)
+    inside = {1e-4: 2.0, 3e-4: 1.0, 1e-3: 1.5, 3e-3: 3.0}
+    assert DR.next_rate(grid, inside) is None
+    top = {1e-4: 4.0, 3e-4: 3.0, 1e-3: 2.0, 3e-3: 1.0}
+    assert DR.next_rate(grid, top) == pytest.approx(9e-3)
+    bottom = {1e-4: 1.0, 3e-4: 2.0, 1e-3: 3.0, 3e-3: 4.0}
+    assert DR.next_rate(grid, bottom) == pytest.approx(1e-4 / 3)
+    extended = grid + [9e-3, 2.7e-2, 8.1e-2]  # three extensions: stop even at an edge
+    assert DR.next_rate(extended, {lr: -lr for lr in extended}) is None
+
+
+def test_heads_family_loss_is_the_mean_of_both_head_arms_and_missing_runs_give_none():
+    result = {"runs": {"ALPS, top heads@0.001": {"dev_loss": 1.0}, "ALPS, random heads@0.001": {"dev_loss": 2.0},
+                       "LoRA@0.001": {"dev_loss": 0.5}}}
+    assert DR.family_loss(result, "heads", 1e-3) == pytest.approx(1.5)
+    assert DR.family_loss(result, "lora", 1e-3) == pytest.approx(0.5)
+    assert DR.family_loss(result, "heads", 3e-3) is None
+
+
+def test_render_says_partial_until_every_family_is_chosen():
+    env = {"command": "python -m benchmarks.demo_rates", "utc": "t", "git_commit": "c", "loadavg_start": [0],
+           "loadavg_end": [0]}
+    result = {"settings": {"model": "m", "adapter_steps": 2, "batch_size": 4, "seed": 0}, "dev_examples": 16,
+              "grid": [1e-3], "runs": {}, "env": env}
+    assert "partial" in DR.render(result)
+    result["chosen"] = {"heads": {"lr": 1e-3, "tried": [3e-4, 1e-3, 3e-3], "inside": True},
+                        "lora": {"lr": 3e-3, "tried": [1e-3, 3e-3, 9e-3], "inside": True}}
+    text = DR.render(result)
+    assert "partial" not in text and "**heads**: lr **0.001**" in text and "**lora**: lr **0.003**" in text
