@@ -216,6 +216,15 @@ def write_outputs(out_dir: Path, stem: str, payload: dict[str, Any], markdown: s
     return json_path, md_path
 
 
+def publish(result: dict[str, Any], out_dir: Path, stem: str, render: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    """The end of every benchmark run: its JSON and its Markdown (rendered from that JSON) under ``out_dir``, the
+    Markdown printed; returns ``result``."""
+    markdown = render(result)
+    write_outputs(out_dir, stem, result, markdown)
+    print(markdown)
+    return result
+
+
 def quiet_transformers() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

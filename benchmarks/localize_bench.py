@@ -364,10 +364,7 @@ def main(argv=None) -> dict[str, Any]:
     plot_path = args.out / f"{args.stem}.png"
     plot(result, plot_path)
     result["plots"] = [str(plot_path)]
-    markdown = render(result)
-    C.write_outputs(args.out, args.stem, result, markdown)
-    print(markdown)
-    return result
+    return C.publish(result, args.out, args.stem, render)
 
 
 if __name__ == "__main__":

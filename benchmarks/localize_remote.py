@@ -168,10 +168,7 @@ def main(argv=None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         point = measure(shape, args.workdir or Path(tmp), args.bandwidth, args.reps)
     result = {"reps": args.reps, "point": point, "env": C.finish_environment(env)}
-    markdown = render(result)
-    C.write_outputs(args.out, args.stem, result, markdown)
-    print(markdown)
-    return result
+    return C.publish(result, args.out, args.stem, render)
 
 
 if __name__ == "__main__":

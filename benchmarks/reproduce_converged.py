@@ -566,6 +566,17 @@ def render_verdicts(result: dict[str, Any]) -> list[str]:
             C.markdown_table(head, rows), "", *lines, ""]
 
 
+def verdict_summary(result: dict[str, Any], reading: str) -> str | None:
+    """One line per reading for other reports (the demo cites it): each finished task's verdicts and CIs."""
+    parts = []
+    for task in result["setup"]["tasks"]:
+        st = central_stats(result, task, reading)
+        if st is not None:
+            parts.append(f"{task}: EM {st['em']['verdict']} ({_fmt_ci(st['em']['ci'], 100, 1)} points, p "
+                         f"{st['em']['p']:.3f}), answer loss {st['loss']['verdict']} ({_fmt_ci(st['loss']['ci'], 1, 3)})")
+    return "; ".join(parts) or None
+
+
 def render_task_models(result: dict[str, Any]) -> list[str]:
     rows = []
     for task in result["setup"]["tasks"]:

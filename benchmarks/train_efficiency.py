@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from benchmarks import _common as C
+from peft_alps.demo.real import lora_rank_matching  # one rank-matching rule for demo and benchmarks
 from peft_alps.demo.resources import trainable_parameters
 
 METHODS = ("alps", "lora_eq", "lora_qkv", "masked", "full")
@@ -122,15 +123,6 @@ def select_heads(shape: Shape, ratio: float, seed: int, min_layer: int = 0) -> d
 # ------------------------------------------------------------------------------------------------ methods
 
 
-def lora_params_per_rank(model, targets: list[str]) -> int:
-    """Trainable parameters one unit of LoRA rank adds on ``targets``: in + out features per targeted Linear."""
-    total = 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in targets:
-            total += module.in_features + module.out_features
-    return total
-
-
 def make_alps(base, heads):
     import peft_alps  # noqa: F401  (registers ALPS with PEFT)
     from peft import get_peft_model
@@ -194,7 +186,7 @@ def build_methods(base, shape: Shape, heads, qkv_rank: int | None) -> tuple[dict
     models["alps"] = make_alps(base, heads)
     alps_params = trainable_parameters(models["alps"])
     qkvo = ["q_proj", "k_proj", "v_proj", "o_proj"]
-    eq_rank = max(1, round(alps_params / lora_params_per_rank(base, qkvo)))
+    eq_rank = lora_rank_matching(base, alps_params, qkvo)
     models["lora_eq"] = make_lora(base, eq_rank, qkvo)
     qkv_rank = qkv_rank or max(1, round(128 * shape.width / 2048))
     models["lora_qkv"] = make_lora(base, qkv_rank, ["q_proj", "k_proj", "v_proj"])
@@ -556,10 +548,7 @@ def main(argv=None) -> dict[str, Any]:
                                                min_layer=lowest))
     result["env"] = C.finish_environment(env)
     result["plots"] = plot(result, args.out, args.stem) if (result["seq_sweep"] or result["width_sweep"]) else []
-    markdown = render(result)
-    C.write_outputs(args.out, args.stem, result, markdown)
-    print(markdown)
-    return result
+    return C.publish(result, args.out, args.stem, render)
 
 
 if __name__ == "__main__":
