@@ -35,3 +35,21 @@ def test_render_says_partial_until_every_family_is_chosen():
                         "lora": {"lr": 3e-3, "tried": [1e-3, 3e-3, 9e-3], "inside": True}}
     text = DR.render(result)
     assert "partial" not in text and "**heads**: lr **0.001**" in text and "**lora**: lr **0.003**" in text
+
+
+def test_the_demo_trains_at_the_committed_tuned_rates_and_cites_the_committed_verdict():
+    import json
+    from pathlib import Path
+
+    from benchmarks import reproduce_converged as RC
+    from peft_alps.demo import real
+
+    results = Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    rates = json.loads((results / "demo_rates.json").read_text())
+    assert set(rates["chosen"]) == set(DR.FAMILIES) and all(c["inside"] for c in rates["chosen"].values())
+    settings = real.RealDemoSettings()
+    assert settings.adapter_lr == rates["chosen"]["heads"]["lr"] and settings.lora_lr == rates["chosen"]["lora"]["lr"]
+    assert rates["settings"] == DR._settings_record(settings)  # tuned at the demo's own budget
+    assert (results.parent.parent / real.RATES_SOURCE).is_file()
+    verdict = RC.verdict_summary(json.loads((results / "reproduce_converged_smollm2.json").read_text()), "heads")
+    assert verdict is not None and verdict in real.REPRODUCTION_VERDICT
