@@ -234,3 +234,23 @@ def quiet_transformers() -> None:
         logging.set_verbosity_error()
     except Exception:  # pragma: no cover
         pass
+
+
+def bf16_matmul_speedup(device: str = "cpu", size: int = 384, repeats: int = 3) -> float:
+    """How many times faster a ``size``-square matmul runs under bf16 autocast than in float32 on ``device`` (the
+    best of ``repeats`` each). Below 1 the hardware has no native bf16 matmul: a CPU without AVX512-BF16 / AMX
+    falls back to a reference kernel that can be hundreds of times slower than float32."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+
+    def best(bf16: bool) -> float:
+        times = []
+        for _ in range(repeats):
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+                t = time.perf_counter()
+                (a @ b).sum().item()
+                times.append(time.perf_counter() - t)
+        return min(times)
+
+    best(False)  # warm-up
+    return best(False) / best(True)

@@ -81,6 +81,10 @@ SHARED_LR = {"p_lc": "p_random"}  # same parameterization as + Random, drawn dif
 CURVES = ("h_alps", "h_random", "h_lora", "full_attn", "p_full")
 CENTRAL = {"heads": ("h_alps", "h_random"), "paper": ("p_alps", "p_random")}
 OTHERS = ("h_lora", "p_full", "p_wo_attn", "p_lora", "p_lc")
+# a method trains at the precision of its own first run, else of the arms it is compared with (so that a change of
+# machine between segments never puts bf16 and float32 runs on the two sides of one comparison)
+PARTNERS = {"h_alps": ("h_random",), "h_random": ("h_alps",), "p_alps": ("p_random", "p_lc"),
+            "p_random": ("p_alps", "p_lc"), "p_lc": ("p_random", "p_alps")}
 READINGS = {"heads": "heads only (the adapter as shipped)", "paper": "the paper's (all weights but the "
             "non-selected heads' q/k/v)"}
 
@@ -321,7 +325,7 @@ class Runner:
             curve.append({"step": step, **brief(evaluate(model, st.dev))})
 
         t = time.perf_counter()
-        bf16 = self.setup.bf16 if bf16 is None else bf16
+        bf16 = self.precision_for(method) if bf16 is None else bf16
         losses = R.train(model, st.train, self.setup, lr, seed, steps=steps, every=curve_every,
                          probe=probe if curve_every else None, floor=floor, bf16=bf16)
         train_s = time.perf_counter() - t
@@ -348,6 +352,17 @@ class Runner:
 
     def done(self, task: str, method: str, seed: int, key: str = "runs") -> bool:
         return any(r["seed"] == seed for r in self.result["tasks"].get(task, {}).get(key, {}).get(method, []))
+
+    def precision_for(self, method: str) -> bool:
+        """Whether ``method``'s next run trains under bf16 autocast: as its own first run (a tuning trial or a run)
+        did, else as the arms it is compared with did, else this segment's choice (``--fp32`` or the design's)."""
+        for m in (method, *PARTNERS.get(method, ())):
+            for trial in self.result["tuning"].get(m, []):
+                return trial.get("bf16", self.result["setup"]["bf16"])  # trials before this key: the design's
+            for task in self.setup.tasks:
+                for r in runs_of(self.result, task, m):
+                    return r["bf16"]
+        return self.setup.bf16
 
     # -- stage 2
     def curves(self) -> int | None:
@@ -389,7 +404,7 @@ class Runner:
                 if self.past_deadline():
                     return
                 model, res = self.train_one(task, method, 0, lr, steps, final=False)
-                trials.append({"lr": lr, "dev": res["dev"], "wall_s": res["wall_s"],
+                trials.append({"lr": lr, "bf16": res["bf16"], "dev": res["dev"], "wall_s": res["wall_s"],
                                **self.stamp("learning rates", res["wall_s"])})
                 kept[lr] = (model, res)
                 best = min(trials, key=lambda t: t["dev"]["loss"])
@@ -507,12 +522,29 @@ def status_of(result: dict[str, Any]) -> str:
     return "partial: stopped at its deadline" if result.get("stopped_at_deadline") else "partial: in progress"
 
 
+def precision_of(runs: list[dict[str, Any]]) -> str:
+    kinds = sorted({"bf16" if r["bf16"] else "fp32" for r in runs})
+    return "/".join(kinds) or "–"
+
+
+def precision_text(result: dict[str, Any]) -> str:
+    runs = [r for info in result["tasks"].values() for rs in info.get("runs", {}).values() for r in rs]
+    kinds = {r["bf16"] for r in runs} or {result["setup"]["bf16"]}
+    if kinds == {True}:
+        return "bf16 autocast"
+    if kinds == {False}:
+        return "float32"
+    return ("bf16 autocast or float32 by method (the `precision` columns; a method keeps the precision of its first "
+            "run, the arms it is compared with follow it, and a segment on a CPU without native bf16 trains the "
+            "methods it starts in float32)")
+
+
 def render(result: dict[str, Any]) -> str:
     s = result["setup"]
     lines = [f"# Do ALPS's heads beat random heads? {result['model_name']}, trained to convergence ({status_of(result)})",
              "", f"Tasks {', '.join(s['tasks'])} (real text, `benchmarks.real_tasks`): {s['train_examples']} train, "
              f"{s['dev_examples']} dev, {s['test_examples']} test examples each; batch {s['batch']}, AdamW (no weight "
-             f"decay), warm-up 10% then cosine to 10%; {'bf16 autocast' if s['bf16'] else 'float32'} training, float32 "
+             f"decay), warm-up 10% then cosine to 10%; {precision_text(result)} training, float32 "
              f"evaluation. Learning rates tuned on the `{s['tune_task']}` dev split. Test answer loss = mean over "
              "examples of the answer's mean token loss; EM = the greedy answer equals the reference (one "
              "teacher-forced pass).", ""]
@@ -540,7 +572,8 @@ def render_verdicts(result: dict[str, Any]) -> list[str]:
             if st is None:
                 continue
             lo, em = st["loss"], st["em"]
-            rows.append([READINGS[reading], task, f"{st['n_alps']} seeds vs {st['n_draws']} draws",
+            precision = precision_of(runs_of(result, task, CENTRAL[reading][0]) + runs_of(result, task, CENTRAL[reading][1]))
+            rows.append([READINGS[reading], task, f"{st['n_alps']} seeds vs {st['n_draws']} draws, {precision}",
                          f"{lo['rank']['beats']}/{lo['rank']['n']} (p {lo['rank']['p']:.2f})",
                          f"{lo['p']:.4f}", _fmt_ci(lo["ci"], 1, 3), lo["verdict"],
                          f"{em['rank']['beats']}/{em['rank']['n']} (p {em['rank']['p']:.2f})",
@@ -647,12 +680,12 @@ def render_task(result: dict[str, Any], task: str) -> list[str]:
             runs = runs_of(result, task, m)
             if rd != reading or not runs:
                 continue
-            rows.append([label, f"{runs[0]['trainable_params']:,}", f"{runs[0]['lr']:g}", len(runs),
+            rows.append([label, f"{runs[0]['trainable_params']:,}", f"{runs[0]['lr']:g}", len(runs), precision_of(runs),
                          pm([r["test"]["accuracy"] for r in runs], 100), pm([r["test"]["loss"] for r in runs], 1, 3),
                          pm([r["general_text"] - base["general_text"] for r in runs], 1, 3)])
         if rows:
             lines += [f"Reading: {READINGS[reading]}.", "",
-                      C.markdown_table(["method", "trainable params", "lr", "runs", "test EM %", "test answer loss",
+                      C.markdown_table(["method", "trainable params", "lr", "runs", "precision", "test EM %", "test answer loss",
                                         "forgetting (general-text loss - base)"], rows), ""]
     return lines
 
@@ -729,7 +762,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument(f"--{name.replace('_', '-')}", type=int)
     p.add_argument("--tasks", nargs="+")
     p.add_argument("--seeds", type=int, nargs="+")
-    p.add_argument("--fp32", action="store_true", help="train in float32 instead of bf16 autocast")
+    p.add_argument("--fp32", action="store_true", help="train in float32 instead of bf16 autocast (with --resume: "
+                   "the methods that have not run yet; a method keeps the precision of its first run, and the arms it "
+                   "is compared with follow it)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="where to train: cpu (default) or cuda (the same design on a GPU; "
                    "its results go to their own JSON, e.g. --stem reproduce_converged_smollm2_gpu)")
@@ -757,7 +792,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"unknown task {unknown[0]!r}; choose from {sorted(T.GENERATORS)}")
     args.setup = Setup(**values)
     args.stem = args.stem or ("reproduce_converged_quick" if args.quick else "reproduce_converged_smollm2")
-    args.previous = R.resume_json(p, args)
+    args.previous = R.resume_json(p, args, may_differ=("bf16",))
+    if args.setup.bf16 and not args.setup.tiny and not args.render:
+        speedup = C.bf16_matmul_speedup(args.device)
+        if speedup < 1.0:
+            p.error(f"bf16 autocast runs matmuls {speedup:.3g}x as fast as float32 on this {args.device} (no native "
+                    "bf16: a CPU needs AVX512-BF16 or AMX), so the design would take days; pass --fp32 (runs record "
+                    "their precision, and a resumed method keeps its own)")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         p.error(f"--device {args.device}: no CUDA device here; use --device cpu")
     if args.previous is not None and args.previous.get("device", "cpu") != args.device:
@@ -782,7 +823,8 @@ def main(argv=None) -> dict[str, Any]:
     if args.previous is not None:
         result = args.previous
         result.setdefault("resumed", []).append({"utc": env["utc"], "command": env["command"],
-                                                 "commit": env["git_commit"], "after_s": result.get("elapsed_s", 0.0)})
+                                                 "commit": env["git_commit"], "after_s": result.get("elapsed_s", 0.0),
+                                                 "bf16": setup.bf16})
     else:
         result = {"model_name": "tiny random Llama (SmolLM2 tokenizer)" if setup.tiny else setup.model,
                   "setup": R.setup_record(setup), "device": args.device, "env": env, "lr": {}, "lr_interior": {},

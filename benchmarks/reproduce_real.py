@@ -753,16 +753,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def resume_json(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any] | None:
+def resume_json(p: argparse.ArgumentParser, args: argparse.Namespace,
+                may_differ: tuple[str, ...] = ()) -> dict[str, Any] | None:
     """With ``--resume``: the stored results, once their settings are checked equal to ``args.setup`` (a parse
-    error naming the fields that differ, otherwise); the outputs are then rewritten in place."""
+    error naming the fields that differ, otherwise; ``may_differ``: fields that are a segment's own, such as its
+    precision, which the caller records per run); the outputs are then rewritten in place."""
     if not args.resume:
         return None
     if not args.resume.is_file():
         p.error(f"--resume {args.resume}: no such results JSON")
     previous = json.loads(args.resume.read_text())
     old, new = previous.get("setup", {}), setup_record(args.setup)
-    differ = sorted(k for k in new if old.get(k) != new[k])
+    differ = sorted(k for k in new if old.get(k) != new[k] and k not in may_differ)
     if differ:
         p.error(f"--resume {args.resume}: its settings differ in {differ} (JSON {[old.get(k) for k in differ]} vs "
                 f"now {[new[k] for k in differ]}); pass the same flags as the run that wrote it")
