@@ -142,3 +142,54 @@ def test_bf16_step_benchmark_measures_every_arm(tmp_path, smollm2_folder):
     assert result["arms"]["p_full"]["added_param_bytes"] == 0  # trains the base's own tensors
     assert result["arms"]["p_alps"]["added_param_bytes"] > result["arms"]["h_alps"]["added_param_bytes"] > 0
     assert (tmp_path / "b.md").read_text().startswith("# bf16 autocast vs float32")
+
+
+# ----------------------------------------------------------------------------- precision across segments
+
+
+def _runner(result, bf16: bool):
+    from benchmarks import reproduce_converged as RC
+
+    runner = object.__new__(RC.Runner)  # only the bookkeeping that precision_for reads
+    runner.result, runner.setup = result, RC.Setup(bf16=bf16)
+    return runner
+
+
+def test_a_method_keeps_the_precision_of_its_first_run_and_its_compared_arms_follow_it():
+    run = lambda bf16: {"seed": 0, "bf16": bf16}  # noqa: E731
+    result = {"setup": {"bf16": True}, "tuning": {"h_alps": [{"lr": 1e-3}], "p_alps": [{"lr": 1e-4, "bf16": False}]},
+              "tasks": {"instruct": {"runs": {"h_random": [run(True)], "p_lora": [run(True)]}}, "code": {}}}
+    fp32_segment = _runner(result, bf16=False)
+    assert fp32_segment.precision_for("h_alps") is True  # a trial from before trials recorded it: the design's
+    assert fp32_segment.precision_for("h_random") is True  # its own runs
+    assert fp32_segment.precision_for("p_lora") is True
+    assert fp32_segment.precision_for("p_alps") is False  # its own trial
+    assert fp32_segment.precision_for("p_random") is False  # follows + ALPS, the arm it is compared with
+    assert fp32_segment.precision_for("p_lc") is False
+    assert fp32_segment.precision_for("p_full") is False  # nothing run yet: this segment's choice
+    assert _runner(result, bf16=True).precision_for("p_random") is False  # a bf16 machine does not flip it back
+    assert _runner(result, bf16=True).precision_for("p_full") is True
+
+
+def test_resume_may_change_precision_only_and_bf16_without_native_support_is_refused(tmp_path, monkeypatch):
+    from benchmarks import _common as C
+    from benchmarks import reproduce_converged as RC
+    from benchmarks import reproduce_real as R
+
+    stored = tmp_path / "rc.json"
+    stored.write_text(json.dumps({"setup": R.setup_record(RC.Setup()), "tasks": {}}))
+    monkeypatch.setattr(C, "bf16_matmul_speedup", lambda device="cpu": 0.02)
+    with pytest.raises(SystemExit):  # the design's bf16 on a CPU that emulates it: refused before any work
+        RC.parse_args(["--resume", str(stored)])
+    args = RC.parse_args(["--resume", str(stored), "--fp32"])  # the one setting a segment may change
+    assert args.setup.bf16 is False and args.previous["setup"]["bf16"] is True
+    with pytest.raises(SystemExit):
+        RC.parse_args(["--resume", str(stored), "--fp32", "--draws", "3"])
+    monkeypatch.setattr(C, "bf16_matmul_speedup", lambda device="cpu": 2.0)
+    assert RC.parse_args(["--resume", str(stored)]).setup.bf16 is True
+
+
+def test_bf16_matmul_speedup_is_a_positive_ratio():
+    from benchmarks import _common as C
+
+    assert C.bf16_matmul_speedup(size=32, repeats=1) > 0
