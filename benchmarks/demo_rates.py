@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         p.error(f"--resume: {path} was written with other settings; run without --resume")
     result = result or {"settings": _settings_record(settings), "grid": list(grid), "dev_examples": args_dev(args),
                         "runs": {}, "env": C.environment()}
-    _tune(result, settings, grid, args, path, stem)
+    _tune(result, settings, grid, args, stem)
     return result
 
 
@@ -85,11 +85,11 @@ def _settings_record(settings) -> dict[str, Any]:
     return {k: getattr(settings, k) for k in keep}
 
 
-def _tune(result, settings, grid, args, path: Path, stem: str) -> None:
+def _tune(result, settings, grid, args, stem: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peft_alps.demo import builtin_models, date_task
-    from peft_alps.demo.real import ARMS, _task_model_and_heads, arm_model, train_arm
+    from peft_alps.demo.real import ARMS, arm_model, task_model_and_heads, train_arm
     from peft_alps.demo.resources import trainable_parameters
 
     torch.manual_seed(settings.seed)
@@ -102,7 +102,7 @@ def _tune(result, settings, grid, args, path: Path, stem: str) -> None:
     dev = date_task.make_examples(args_dev(args), seed=settings.seed + 3, exclude=[*train, *held_out])
     train_set, dev_set = date_task.encode(tokenizer, train), date_task.encode(tokenizer, dev)
     with tempfile.TemporaryDirectory() as tmp:
-        scores, _ = _task_model_and_heads(base, folder, train_set, dev_set, pad, settings, Path(tmp))
+        scores, _ = task_model_and_heads(base, folder, train_set, dev_set, pad, settings, Path(tmp))
         heads_file = Path(tmp) / "heads.json"
         alps_params = None
         for family, arms in FAMILIES.items():
@@ -121,7 +121,7 @@ def _tune(result, settings, grid, args, path: Path, stem: str) -> None:
                                                    "dev_loss": scored["loss"], "dev_exact_match": scored["exact_match"]}
                             print(f"[demo_rates] {name} lr {lr:g}: dev loss {scored['loss']:.4f}, "
                                   f"EM {scored['exact_match']:.1%}", flush=True)
-                            _save(result, path, stem, args.out)
+                            _save(result, stem, args.out)
                             del model
                         if arm == ARMS[0]:
                             alps_params = alps_params or result["runs"][key]["trainable_params"]
@@ -133,7 +133,7 @@ def _tune(result, settings, grid, args, path: Path, stem: str) -> None:
             best = min(tried, key=lambda lr: losses[lr])
             result.setdefault("chosen", {})[family] = {"lr": best, "tried": sorted(tried),
                                                        "inside": sorted(tried)[0] < best < sorted(tried)[-1]}
-    _save(result, path, stem, args.out)
+    _save(result, stem, args.out)
     print(render(result))
 
 
@@ -141,7 +141,7 @@ def args_dev(args) -> int:
     return 16 if args.quick else DEV_EXAMPLES
 
 
-def _save(result, path: Path, stem: str, out: Path) -> None:
+def _save(result, stem: str, out: Path) -> None:
     C.finish_environment(result["env"])
     C.write_outputs(out, stem, result, render(result))
 

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from peft_alps.demo import date_task
-from peft_alps.demo.resources import Usage, measure, trainable_parameters
+from peft_alps.demo.resources import Usage, measure, torch_threads, trainable_parameters
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 RATES_SOURCE = "benchmarks/results/demo_rates.md"  # python -m benchmarks.demo_rates; a test keeps the defaults equal
@@ -118,13 +118,8 @@ def run_real_demo(settings: RealDemoSettings | None = None) -> dict[str, Any]:
     """Run the demo on the real model; returns the results (also written to ``<output>/results.json``)."""
     settings = settings or RealDemoSettings()
     settings.validate()
-    previous_threads = torch.get_num_threads()
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
-    try:
+    with torch_threads(settings.threads):
         return _run(settings)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _run(settings: RealDemoSettings) -> dict[str, Any]:
@@ -152,7 +147,7 @@ def _run(settings: RealDemoSettings) -> dict[str, Any]:
     before = [date_task.generate(base, tokenizer, ex.question) for ex in shown]
     print(f"      base model: exact match {rows[0]['exact_match']:.1%}")
 
-    scores, warm_row = _task_model_and_heads(base, folder, train_set, eval_set, pad, settings, out)
+    scores, warm_row = task_model_and_heads(base, folder, train_set, eval_set, pad, settings, out)
     rows.append(warm_row)
     selected = scores.top_k(settings.ratio)
 
@@ -181,7 +176,7 @@ def _run(settings: RealDemoSettings) -> dict[str, Any]:
     return summary
 
 
-def _task_model_and_heads(base, folder: Path, train_set, eval_set, pad: int, settings: RealDemoSettings, out: Path):
+def task_model_and_heads(base, folder: Path, train_set, eval_set, pad: int, settings: RealDemoSettings, out: Path):
     """The warm-up task checkpoint, its own score (row), and the head scores from localizing it against the base."""
     from peft_alps.localization.pad import localize_heads
     from peft_alps.warmup.train import warmup

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from peft_alps.demo import synthetic
-from peft_alps.demo.resources import trainable_parameters
+from peft_alps.demo.resources import torch_threads, trainable_parameters
 
 PRETRAIN_SKILLS = ("text", "copy", "arithmetic", "brackets")
 
@@ -172,12 +172,8 @@ def run_demo(settings: DemoSettings | None = None) -> dict[str, Any]:
     """Run the demo; returns the results (also written to ``<output>/results.json``)."""
     settings = settings or DemoSettings()
     settings.validate()
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(settings.threads)
-    try:
+    with torch_threads(settings.threads):
         return _run(settings)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 def _run(settings: DemoSettings) -> dict[str, Any]:

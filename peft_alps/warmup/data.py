@@ -134,6 +134,18 @@ def _tokenize(tokenizer: Any, text: str, where: str, special: bool) -> list[int]
     return list(tokenizer(text, add_special_tokens=special)["input_ids"])
 
 
+def fit_length(example: dict[str, list[int]], limit: int | None, truncate: bool, where: str,
+               fix: str) -> dict[str, list[int]]:
+    """``example`` if it fits in ``limit`` tokens (None: no limit); else cut to ``limit`` when ``truncate``, or a
+    :class:`DataError` naming ``where``, both lengths and ``fix``."""
+    if limit is None or len(example["input_ids"]) <= limit:
+        return example
+    if not truncate:
+        raise DataError(f"{where}: sequence of {len(example['input_ids'])} tokens is longer than the model's limit "
+                        f"of {limit} tokens; {fix}")
+    return {key: value[:limit] for key, value in example.items()}
+
+
 def load_jsonl_dataset(
     path: str | Path, tokenizer: Any = None, *, max_length: int | None = None, truncate: bool = False
 ) -> list[dict[str, list[int]]]:
@@ -146,14 +158,8 @@ def load_jsonl_dataset(
     for number, record in read_jsonl(path):
         where = f"{path}:{number}"
         example = encode_record(record, tokenizer, where)
-        if max_length is not None and len(example["input_ids"]) > max_length:
-            if not truncate:
-                raise DataError(
-                    f"{where}: sequence of {len(example['input_ids'])} tokens is longer than the model's limit of "
-                    f"{max_length} tokens; shorten the record, or pass --truncate (truncate=True) to cut it"
-                )
-            example = {key: value[:max_length] for key, value in example.items()}
-        examples.append(example)
+        examples.append(fit_length(example, max_length, truncate, where,
+                                   "shorten the record, or pass --truncate (truncate=True) to cut it"))
     if not examples:
         raise DataError(f"{path}: the file contains no records; expected one JSON object a line: {EXPECTED_FIELDS}")
     return examples

@@ -39,7 +39,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from peft_alps.layouts import layout_for_config
-from peft_alps.warmup.data import IGNORE_INDEX, DataError, collate, encode_record
+from peft_alps.warmup.data import IGNORE_INDEX, DataError, collate, encode_record, fit_length
 
 CHECKPOINT_FILE = "model.safetensors"
 METADATA_FILE = "warmup.json"
@@ -193,19 +193,8 @@ def _as_examples(train_dataset: Any, tokenizer: Any) -> list[dict[str, list[int]
 
 
 def _check_lengths(examples: list[dict], limit: int | None, truncate: bool) -> list[dict]:
-    if limit is None:
-        return examples
-    out = []
-    for i, ex in enumerate(examples):
-        if len(ex["input_ids"]) > limit:
-            if not truncate:
-                raise DataError(
-                    f"train_dataset[{i}]: sequence of {len(ex['input_ids'])} tokens is longer than the model's limit "
-                    f"of {limit} tokens; shorten it or pass truncate=True"
-                )
-            ex = {k: v[:limit] for k, v in ex.items()}
-        out.append(ex)
-    return out
+    return [fit_length(ex, limit, truncate, f"train_dataset[{i}]", "shorten it or pass truncate=True")
+            for i, ex in enumerate(examples)]
 
 
 def _collate(examples: list[dict], pad_id: int, device: torch.device) -> dict[str, torch.Tensor]:
