@@ -20,7 +20,8 @@ says when every part ran. Stages, in the order they run (a deadline cuts the las
 5. **The central comparison** (both tasks): heads-only ALPS 10% (3 seeds) against ``draws`` Random 10% head sets;
    then the paper's reading, + ALPS 10% (3 seeds) against + Random 10% (``draws`` head sets).
 6. **The other rows** (3 seeds): LoRA at ALPS's parameter count; full fine-tuning, w/o attn, + LoRA on q/k/v,
-   + LC 10%.
+   + LC 10%; every row on the tune task first, then on the other task, so that a deadline cuts a whole task's
+   table rather than a row of each.
 
 The two readings (``docs/method.md``):
 
@@ -465,7 +466,9 @@ class Runner:
             for task in s.tasks:
                 out += [(task, alps, sd, f"central, {reading}") for sd in s.seeds]
                 out += [(task, drawn, d, f"central, {reading}") for d in range(s.draws)]
-        return out + [(t, m, sd, "other rows") for m in OTHERS for t in s.tasks for sd in s.seeds]
+        # the other rows task by task, the tune task first: a deadline then cuts whole task tables, last task first
+        tasks = (s.tune_task, *[t for t in s.tasks if t != s.tune_task])
+        return out + [(t, m, sd, "other rows") for t in tasks for m in OTHERS for sd in s.seeds]
 
     def execute(self) -> None:
         self.result.pop("stopped_at_deadline", None)

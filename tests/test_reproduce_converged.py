@@ -193,3 +193,17 @@ def test_bf16_matmul_speedup_is_a_positive_ratio():
     from benchmarks import _common as C
 
     assert C.bf16_matmul_speedup(size=32, repeats=1) > 0
+
+
+def test_jobs_run_the_central_comparisons_first_and_the_other_rows_task_by_task():
+    from benchmarks import reproduce_converged as RC
+
+    runner = object.__new__(RC.Runner)
+    runner.setup = RC.Setup(tasks=("code", "instruct"), tune_task="instruct", seeds=(0, 1), draws=2)
+    jobs = runner.jobs()
+    central = [j for j in jobs if j[3].startswith("central")]
+    assert jobs[:len(central)] == central and len(central) == 2 * 2 * (2 + 2)
+    assert [j[0] for j in central[:4]] == ["code"] * 4 and central[8][1] == "p_alps"  # heads-only reading first
+    others = jobs[len(central):]
+    assert [j[0] for j in others] == ["instruct"] * 10 + ["code"] * 10  # the tune task's table first, whole
+    assert [j[1] for j in others[:10:2]] == list(RC.OTHERS)
