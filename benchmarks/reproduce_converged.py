@@ -559,7 +559,9 @@ def render(result: dict[str, Any]) -> str:
         lines.append(C.produced_by(result["env"], f" in {result.get('elapsed_s', 0) / 60:.1f} min of running, on "
                                                   f"{result.get('device', 'cpu')}"))
     for r in result.get("resumed", []):
-        lines.append(f"Resumed after {r['after_s'] / 60:.1f} min by `{r['command']}` at {r['utc']} UTC.")
+        trained = "" if "bf16" not in r else f", new methods trained {'under bf16 autocast' if r['bf16'] else 'in float32'}"
+        lines.append(f"Resumed after {r['after_s'] / 60:.1f} min by `{r['command']}` at {r['utc']} UTC (commit "
+                     f"{r.get('commit') or '?'}{trained}).")
     return "\n".join(lines) + "\n"
 
 

@@ -207,3 +207,10 @@ def test_jobs_run_the_central_comparisons_first_and_the_other_rows_task_by_task(
     others = jobs[len(central):]
     assert [j[0] for j in others] == ["instruct"] * 10 + ["code"] * 10  # the tune task's table first, whole
     assert [j[1] for j in others[:10:2]] == list(RC.OTHERS)
+
+
+def test_the_committed_report_re_renders_byte_identically_from_its_json():
+    from benchmarks import reproduce_converged as RC
+
+    path = RC.C.RESULTS / "reproduce_converged_smollm2.json"
+    assert RC.render(json.loads(path.read_text())) == path.with_suffix(".md").read_text()
