@@ -559,7 +559,8 @@ def render(result: dict[str, Any]) -> str:
         lines.append(C.produced_by(result["env"], f" in {result.get('elapsed_s', 0) / 60:.1f} min of running, on "
                                                   f"{result.get('device', 'cpu')}"))
     for r in result.get("resumed", []):
-        trained = "" if "bf16" not in r else f", new methods trained {'under bf16 autocast' if r['bf16'] else 'in float32'}"
+        how = "under bf16 autocast" if r.get("bf16") else "in float32"
+        trained = f", new methods trained {how}" if "bf16" in r else ""
         lines.append(f"Resumed after {r['after_s'] / 60:.1f} min by `{r['command']}` at {r['utc']} UTC (commit "
                      f"{r.get('commit') or '?'}{trained}).")
     return "\n".join(lines) + "\n"
@@ -577,7 +578,7 @@ def render_verdicts(result: dict[str, Any]) -> list[str]:
             if st is None:
                 continue
             lo, em = st["loss"], st["em"]
-            precision = precision_of(runs_of(result, task, CENTRAL[reading][0]) + runs_of(result, task, CENTRAL[reading][1]))
+            precision = precision_of([r for m in CENTRAL[reading] for r in runs_of(result, task, m)])
             rows.append([READINGS[reading], task, f"{st['n_alps']} seeds vs {st['n_draws']} draws, {precision}",
                          f"{lo['rank']['beats']}/{lo['rank']['n']} (p {lo['rank']['p']:.2f})",
                          f"{lo['p']:.4f}", _fmt_ci(lo["ci"], 1, 3), lo["verdict"],
@@ -685,13 +686,14 @@ def render_task(result: dict[str, Any], task: str) -> list[str]:
             runs = runs_of(result, task, m)
             if rd != reading or not runs:
                 continue
-            rows.append([label, f"{runs[0]['trainable_params']:,}", f"{runs[0]['lr']:g}", len(runs), precision_of(runs),
+            rows.append([label, f"{runs[0]['trainable_params']:,}", f"{runs[0]['lr']:g}", len(runs),
+                         precision_of(runs),
                          pm([r["test"]["accuracy"] for r in runs], 100), pm([r["test"]["loss"] for r in runs], 1, 3),
                          pm([r["general_text"] - base["general_text"] for r in runs], 1, 3)])
         if rows:
             lines += [f"Reading: {READINGS[reading]}.", "",
-                      C.markdown_table(["method", "trainable params", "lr", "runs", "precision", "test EM %", "test answer loss",
-                                        "forgetting (general-text loss - base)"], rows), ""]
+                      C.markdown_table(["method", "trainable params", "lr", "runs", "precision", "test EM %",
+                                        "test answer loss", "forgetting (general-text loss - base)"], rows), ""]
     return lines
 
 
