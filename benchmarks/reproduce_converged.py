@@ -358,11 +358,12 @@ class Runner:
         """Whether ``method``'s next run trains under bf16 autocast: as its own first run (a tuning trial or a run)
         did, else as the arms it is compared with did, else this segment's choice (``--fp32`` or the design's)."""
         for m in (method, *PARTNERS.get(method, ())):
-            for trial in self.result["tuning"].get(m, []):
-                return trial.get("bf16", self.result["setup"]["bf16"])  # trials before this key: the design's
-            for task in self.setup.tasks:
-                for r in runs_of(self.result, task, m):
-                    return r["bf16"]
+            trials = self.result["tuning"].get(m, [])
+            if trials:
+                return trials[0].get("bf16", self.result["setup"]["bf16"])  # trials before this key: the design's
+            runs = [r for task in self.setup.tasks for r in runs_of(self.result, task, m)]
+            if runs:
+                return runs[0]["bf16"]
         return self.setup.bf16
 
     # -- stage 2
