@@ -379,6 +379,15 @@ def test_peft_convert_to_lora_reproduces_the_weight_delta(fam):
     assert lora_state and torch.allclose(logits(lora), expected, atol=1e-4)
 
 
+def test_peft_convert_to_lora_refuses_head_bias_deltas():
+    """A LoRA cannot hold the heads' bias deltas (``alps_bias=True`` on a biased base): PEFT's ``convert_to_lora``
+    must refuse the layers rather than return a LoRA that silently drops them."""
+    fam = next(f for f in FAMILIES if f.name == "gpt2")
+    model = get_peft_model(fam.build(), AlpsConfig(target_heads=HEADS, alps_bias=True, init_weights=False))
+    with pytest.raises(TypeError, match="alps"):
+        convert_to_lora(model, rank=1.0)
+
+
 @pytest.mark.parametrize("fam", [f for f in FAMILIES if f.name in ("gpt2", "phi3", "falcon_new_decoder", "bert")],
                          ids=lambda f: f.name)
 def test_export_to_lora_serves_the_same_outputs_with_plain_peft(fam, tmp_path):

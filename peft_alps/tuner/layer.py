@@ -276,7 +276,14 @@ class Linear(nn.Module, AlpsLayer):
         return result
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
-        return True
+        """``peft.convert_to_lora`` can hold the weight delta, never a bias delta: an adapter that trains bias deltas
+        (``alps_bias=True``) is refused rather than converted without them."""
+        return adapter_name not in self.alps_bias
+
+    def _get_additive_delta(self, adapter_name: str = "default") -> torch.Tensor:
+        # PEFT >= 0.22 reads the merged-minus-base weight here (``get_additive_delta``, for ``convert_to_lora``);
+        # ALPS is additive, so it is the delta of ``get_delta_weight``.
+        return self.get_delta_weight(adapter_name)
 
     def __repr__(self) -> str:
         return "alps." + super().__repr__()
