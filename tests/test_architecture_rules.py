@@ -70,6 +70,7 @@ def test_package_modules_import_each_other_without_a_cycle():
     ("peft_alps.warmup", ("peft_alps.demo", "peft_alps.cli", "peft_alps_cli")),
     ("peft_alps.scores", ("peft_alps.tuner", "peft_alps.localization", "peft_alps.warmup", "peft_alps.demo")),
     ("peft_alps.layouts", ("peft_alps.tuner", "peft_alps.localization", "peft_alps.warmup", "peft_alps.demo")),
+    ("peft_alps.threads", ("peft_alps.tuner", "peft_alps.localization", "peft_alps.warmup", "peft_alps.demo")),
 ])
 def test_no_stage_imports_a_stage_above_it(lower, above):
     for path in PACKAGE.rglob("*.py"):

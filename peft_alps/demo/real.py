@@ -32,7 +32,8 @@ from typing import Any
 import torch
 
 from peft_alps.demo import date_task
-from peft_alps.demo.resources import Usage, measure, torch_threads, trainable_parameters
+from peft_alps.demo.resources import Usage, measure, trainable_parameters
+from peft_alps.threads import torch_threads
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 RATES_SOURCE = "benchmarks/results/demo_rates.md"  # python -m benchmarks.demo_rates; a test keeps the defaults equal

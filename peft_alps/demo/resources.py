@@ -1,6 +1,5 @@
 """What one step of work costs, for the demos' and benchmarks' tables: wall time, CPU time, extra peak resident
-memory (``measure``) and trainable parameters (``trainable_parameters``); ``torch_threads`` sets the CPU threads
-a demo runs on, and gives the caller's back.
+memory (``measure``) and trainable parameters (``trainable_parameters``).
 
 Peak memory is the process's peak RSS (``VmHWM``) during the step minus its RSS at the start. The peak is reset
 before the step by writing ``5`` to ``/proc/self/clear_refs`` (Linux); freed heap is first handed back to the
@@ -76,17 +75,3 @@ def measure() -> Iterator[Usage]:
 def trainable_parameters(model) -> int:
     """Elements in the parameters that require grad (a plain module, a ``PeftModel`` or a merged model alike)."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-@contextmanager
-def torch_threads(threads: int | None) -> Iterator[None]:
-    """Run the block on ``threads`` torch CPU threads (None or 0: leave the count as it is), then restore the count."""
-    import torch
-
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)

@@ -33,7 +33,8 @@ from typing import Any
 import torch
 
 from peft_alps.demo import synthetic
-from peft_alps.demo.resources import torch_threads, trainable_parameters
+from peft_alps.demo.resources import trainable_parameters
+from peft_alps.threads import torch_threads
 
 PRETRAIN_SKILLS = ("text", "copy", "arithmetic", "brackets")
 

@@ -38,6 +38,7 @@ from peft_alps.localization.sources.open import open_source
 from peft_alps.localization.sources.hub_transfer import bytes_read, format_bytes
 from peft_alps.layouts import HeadDims, head_parts
 from peft_alps.scores import HeadScores
+from peft_alps.threads import torch_threads
 
 Metric = Literal["wasserstein", "kl", "js", "cosine", "euclidean"]
 Variant = Literal["qkv_product", "qkv_concat"]
@@ -58,19 +59,10 @@ PARALLEL_MIN_LAYER_WEIGHTS = 4_000_000
 # ------------------------------------------------------------------------------------------ deterministic math
 
 
-@contextlib.contextmanager
 def _single_thread():
     """Reductions and matrix products give bitwise different sums with different thread counts; run every torch
     call on one thread so that scores never depend on ``torch.get_num_threads()``."""
-    previous = torch.get_num_threads()
-    if previous == 1:
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
+    return torch_threads(1)
 
 
 class _Workspace(threading.local):
