@@ -21,7 +21,8 @@ says when every part ran. Stages, in the order they run (a deadline cuts the las
    then the paper's reading, + ALPS 10% (3 seeds) against + Random 10% (``draws`` head sets).
 6. **The other rows** (3 seeds): LoRA at ALPS's parameter count; full fine-tuning, w/o attn, + LoRA on q/k/v,
    + LC 10%; every row on the tune task first, then on the other task, so that a deadline cuts a whole task's
-   table rather than a row of each.
+   table rather than a row of each. ``--cut-other-rows TASK`` leaves a task's table out for the compute budget
+   (before any of its runs; the report says so): other tables go before convergence or the central draws.
 
 The two readings (``docs/method.md``):
 
@@ -468,7 +469,8 @@ class Runner:
                 out += [(task, alps, sd, f"central, {reading}") for sd in s.seeds]
                 out += [(task, drawn, d, f"central, {reading}") for d in range(s.draws)]
         # the other rows task by task, the tune task first: a deadline then cuts whole task tables, last task first
-        tasks = (s.tune_task, *[t for t in s.tasks if t != s.tune_task])
+        cut = set(cut_tasks(self.result))
+        tasks = [t for t in (s.tune_task, *[t for t in s.tasks if t != s.tune_task]) if t not in cut]
         return out + [(t, m, sd, "other rows") for t in tasks for m in OTHERS for sd in s.seeds]
 
     def execute(self) -> None:
@@ -498,6 +500,21 @@ def runs_of(result: dict[str, Any], task: str, method: str) -> list[dict[str, An
     return result["tasks"].get(task, {}).get("runs", {}).get(method, [])
 
 
+def cut_tasks(result: dict[str, Any]) -> list[str]:
+    """The tasks whose other-rows table was cut for the compute budget (``--cut-other-rows``)."""
+    return result.get("cut_other_rows", {}).get("tasks", [])
+
+
+def cut_text(result: dict[str, Any]) -> str:
+    cut = result.get("cut_other_rows")
+    if not cut:
+        return ""
+    tables = ", ".join(f"`{t}`" for t in cut["tasks"])
+    return (f"the other rows' {tables} table{'s' if len(cut['tasks']) > 1 else ''} cut for the compute budget at "
+            f"segment {cut['segment']} ({cut['utc']} UTC), before any of {'their' if len(cut['tasks']) > 1 else 'its'} "
+            "runs; the central comparison keeps every task, seed and draw")
+
+
 def example_matrix(runs: list[dict[str, Any]], key: str) -> np.ndarray:
     return np.array([r["test"]["example_loss" if key == "loss" else "example_hit"] for r in runs], dtype=np.float64)
 
@@ -521,9 +538,11 @@ def pm(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
 
 
 def status_of(result: dict[str, Any]) -> str:
+    cut = cut_text(result)
     if result.get("finished"):
-        return "complete"
-    return "partial: stopped at its deadline" if result.get("stopped_at_deadline") else "partial: in progress"
+        return f"complete; {cut}" if cut else "complete"
+    status = "partial: stopped at its deadline" if result.get("stopped_at_deadline") else "partial: in progress"
+    return f"{status}; {cut}" if cut else status
 
 
 def precision_of(runs: list[dict[str, Any]]) -> str:
@@ -695,6 +714,9 @@ def render_task(result: dict[str, Any], task: str) -> list[str]:
             lines += [f"Reading: {READINGS[reading]}.", "",
                       C.markdown_table(["method", "trainable params", "lr", "runs", "precision", "test EM %",
                                         "test answer loss", "forgetting (general-text loss - base)"], rows), ""]
+    if task in cut_tasks(result):
+        lines += [f"The other rows were not run on `{task}`: their table was cut for the compute budget "
+                  f"(`--cut-other-rows`, segment {result['cut_other_rows']['segment']}).", ""]
     return lines
 
 
@@ -773,6 +795,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fp32", action="store_true", help="train in float32 instead of bf16 autocast (with --resume: "
                    "the methods that have not run yet; a method keeps the precision of its first run, and the arms it "
                    "is compared with follow it)")
+    p.add_argument("--cut-other-rows", nargs="+", metavar="TASK", default=[],
+                   help="leave the other rows (everything but the central comparison) out on these tasks, for the "
+                   "compute budget: other tables are cut before convergence or the central draws; the JSON and the "
+                   "report record the cut")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default="cpu", help="where to train: cpu (default) or cuda (the same design on a GPU; "
                    "its results go to their own JSON, e.g. --stem reproduce_converged_smollm2_gpu)")
@@ -798,6 +824,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     unknown = [t for t in values["tasks"] if t not in T.GENERATORS]
     if unknown:
         p.error(f"unknown task {unknown[0]!r}; choose from {sorted(T.GENERATORS)}")
+    outside = [t for t in args.cut_other_rows if t not in values["tasks"]]
+    if outside:
+        p.error(f"--cut-other-rows {outside[0]!r}: not one of this design's tasks {list(values['tasks'])}")
     args.setup = Setup(**values)
     args.stem = args.stem or ("reproduce_converged_quick" if args.quick else "reproduce_converged_smollm2")
     args.previous = R.resume_json(p, args, may_differ=("bf16",))
@@ -814,6 +843,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                 f"{args.device!r}; results of two devices do not mix, start a new --stem instead")
     args.deadline = R._deadline(args.deadline)
     return args
+
+
+def cut_other_rows(result: dict[str, Any], tasks: list[str], env: dict[str, Any]) -> None:
+    """Record the cut of the other rows' tables on ``tasks`` (added to any earlier cut); refused once one of those
+    tables has a run, since a cut is decided before a table's results, not after."""
+    started = [t for t in tasks for m in OTHERS if runs_of(result, t, m)]
+    if started:
+        raise SystemExit(f"--cut-other-rows {started[0]}: the other rows already have runs on {started[0]!r}; a "
+                         "table is cut before it runs, not after (drop the flag to finish it)")
+    previous = cut_tasks(result)
+    result["cut_other_rows"] = {"tasks": sorted({*previous, *tasks}), "segment": len(result.get("resumed", [])),
+                                "utc": env["utc"], "command": env["command"]}
 
 
 def main(argv=None) -> dict[str, Any]:
@@ -838,6 +879,8 @@ def main(argv=None) -> dict[str, Any]:
                   "setup": R.setup_record(setup), "device": args.device, "env": env, "lr": {}, "lr_interior": {},
                   "tuning": {},
                   "tasks": {}, "base_params": sum(p.numel() for p in base.parameters())}
+    if args.cut_other_rows:
+        cut_other_rows(result, args.cut_other_rows, env)
     args.out.mkdir(parents=True, exist_ok=True)
     runner = Runner(setup, args, base, tokenizer, base_folder, result)
     runner.execute()

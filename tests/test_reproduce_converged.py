@@ -132,6 +132,19 @@ def test_resume_reruns_only_the_missing_runs(tmp_path, smollm2_folder):
     assert "Resumed after" in (tmp_path / "rc.md").read_text()
 
 
+def test_a_cut_table_is_left_out_and_the_design_still_finishes(tmp_path, smollm2_folder):
+    from benchmarks import reproduce_converged as RC
+
+    RC.main(["--quick", "--tasks", "instruct", "--seeds", "0", "--draws", "2", "--cut-other-rows", "instruct",
+             "--out", str(tmp_path), "--stem", "rc"])
+    data = json.loads((tmp_path / "rc.json").read_text())
+    runs = data["tasks"]["instruct"]["runs"]
+    assert data["finished"] and data["cut_other_rows"]["tasks"] == ["instruct"]
+    assert not set(runs) & set(RC.OTHERS) and len(runs["p_random"]) == 2  # the central draws all ran
+    md = (tmp_path / "rc.md").read_text()
+    assert "(complete; the other rows' `instruct` table cut" in md and "were not run on `instruct`" in md
+
+
 def test_bf16_step_benchmark_measures_every_arm(tmp_path, smollm2_folder):
     from benchmarks import bf16_step
 
@@ -200,6 +213,7 @@ def test_jobs_run_the_central_comparisons_first_and_the_other_rows_task_by_task(
 
     runner = object.__new__(RC.Runner)
     runner.setup = RC.Setup(tasks=("code", "instruct"), tune_task="instruct", seeds=(0, 1), draws=2)
+    runner.result = {}
     jobs = runner.jobs()
     central = [j for j in jobs if j[3].startswith("central")]
     assert jobs[:len(central)] == central and len(central) == 2 * 2 * (2 + 2)
@@ -207,6 +221,23 @@ def test_jobs_run_the_central_comparisons_first_and_the_other_rows_task_by_task(
     others = jobs[len(central):]
     assert [j[0] for j in others] == ["instruct"] * 10 + ["code"] * 10  # the tune task's table first, whole
     assert [j[1] for j in others[:10:2]] == list(RC.OTHERS)
+    runner.result = {"cut_other_rows": {"tasks": ["code"]}}  # the budget cut: the other task's table goes
+    assert runner.jobs() == jobs[:-10]
+
+
+def test_cutting_an_other_rows_table_is_recorded_and_refused_once_it_has_runs(tmp_path):
+    from benchmarks import reproduce_converged as RC
+
+    env = {"utc": "2026-12-07 16:00:00", "command": "python -m benchmarks.reproduce_converged ..."}
+    result = {"setup": {"tasks": ["instruct", "code"]}, "tasks": {"instruct": {"runs": {"p_full": [{"seed": 0}]}}},
+              "resumed": [{}, {}], "finished": True}
+    RC.cut_other_rows(result, ["code"], env)
+    assert result["cut_other_rows"] == {"tasks": ["code"], "segment": 2, "utc": env["utc"], "command": env["command"]}
+    assert RC.status_of(result).startswith("complete; the other rows' `code` table cut for the compute budget")
+    with pytest.raises(SystemExit, match="already have runs on 'instruct'"):
+        RC.cut_other_rows(result, ["instruct"], env)
+    with pytest.raises(SystemExit):  # not a task of the design
+        RC.parse_args(["--quick", "--tasks", "instruct", "--cut-other-rows", "code", "--out", str(tmp_path)])
 
 
 def test_the_committed_report_re_renders_byte_identically_from_its_json():
