@@ -586,6 +586,11 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _fmt_p(p: float) -> str:
+    """Three decimals; below 0.001 (the permutation test's floor is 1/(samples+1)) as "< 0.001", not "0.000"."""
+    return f"{p:.3f}" if p >= 0.001 else "< 0.001"
+
+
 def _fmt_ci(ci: dict[str, float], scale: float, digits: int) -> str:
     return f"{scale * ci['diff']:+.{digits}f} [{scale * ci['lo']:+.{digits}f}, {scale * ci['hi']:+.{digits}f}]"
 
@@ -605,8 +610,8 @@ def render_verdicts(result: dict[str, Any]) -> list[str]:
                          f"{em['rank']['beats']}/{em['rank']['n']} (p {em['rank']['p']:.2f})",
                          f"{em['p']:.4f}", _fmt_ci(em["ci"], 100, 1), em["verdict"]])
             lines.append(f"- **{task}, {READINGS[reading]}**: ALPS's heads against random heads: answer loss "
-                         f"**{lo['verdict']}** (ALPS - Random {_fmt_ci(lo['ci'], 1, 3)}, p {lo['p']:.3f}); EM "
-                         f"**{em['verdict']}** ({_fmt_ci(em['ci'], 100, 1)} points, p {em['p']:.3f}).")
+                         f"**{lo['verdict']}** (ALPS - Random {_fmt_ci(lo['ci'], 1, 3)}, p {_fmt_p(lo['p'])}); EM "
+                         f"**{em['verdict']}** ({_fmt_ci(em['ci'], 100, 1)} points, p {_fmt_p(em['p'])}).")
     if not rows:
         have = [f"{task}, {READINGS[r].split(' (')[0]}: {len(runs_of(result, task, CENTRAL[r][0]))}/"
                 f"{len(result['setup']['seeds'])} ALPS seeds, {len(runs_of(result, task, CENTRAL[r][1]))}/"
@@ -632,7 +637,7 @@ def verdict_summary(result: dict[str, Any], reading: str) -> str | None:
         st = central_stats(result, task, reading)
         if st is not None:
             parts.append(f"{task}: EM {st['em']['verdict']} ({_fmt_ci(st['em']['ci'], 100, 1)} points, p "
-                         f"{st['em']['p']:.3f}), answer loss {st['loss']['verdict']} ({_fmt_ci(st['loss']['ci'], 1, 3)})")
+                         f"{_fmt_p(st['em']['p'])}), answer loss {st['loss']['verdict']} ({_fmt_ci(st['loss']['ci'], 1, 3)})")
     return "; ".join(parts) or None
 
 

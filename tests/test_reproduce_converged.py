@@ -245,3 +245,9 @@ def test_the_committed_report_re_renders_byte_identically_from_its_json():
 
     path = RC.C.RESULTS / "reproduce_converged_smollm2.json"
     assert RC.render(json.loads(path.read_text())) == path.with_suffix(".md").read_text()
+
+
+def test_p_values_below_the_permutation_floor_do_not_print_as_zero():
+    from benchmarks import reproduce_converged as RC
+
+    assert RC._fmt_p(1e-4) == "< 0.001" and RC._fmt_p(0.31) == "0.310" and RC._fmt_p(0.001) == "0.001"
