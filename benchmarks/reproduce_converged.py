@@ -538,10 +538,11 @@ def pm(values: list[float], scale: float = 1.0, digits: int = 1) -> str:
 
 
 def status_of(result: dict[str, Any]) -> str:
-    cut = cut_text(result)
     if result.get("finished"):
-        return f"complete; {cut}" if cut else "complete"
-    status = "partial: stopped at its deadline" if result.get("stopped_at_deadline") else "partial: in progress"
+        status = "complete"
+    else:
+        status = "partial: stopped at its deadline" if result.get("stopped_at_deadline") else "partial: in progress"
+    cut = cut_text(result)
     return f"{status}; {cut}" if cut else status
 
 
