@@ -309,7 +309,7 @@ def gpt_bigcode_dims(config: Any) -> HeadDims:
 
 
 def falcon_dims(config: Any) -> HeadDims:
-    """Falcon's three attention layouts, as ``FalconAttention._split_heads`` reads its fused ``query_key_value``:
+    """Falcon's three attention layouts, as ``FalconAttention`` splits its fused ``query_key_value`` output:
 
     * ``new_decoder_architecture`` (Falcon-40B/180B): ``num_kv_heads`` groups of ``[n/g query heads | k | v]``;
     * ``multi_query`` (Falcon-7B): one group ``[all query heads | k | v]`` (MQA);

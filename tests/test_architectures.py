@@ -482,21 +482,53 @@ def test_registering_over_a_built_in_family_needs_override(monkeypatch):
 # ----------------------------------------------------------------------------- registry vs transformers code
 
 
-@pytest.mark.parametrize("fam", [f for f in FAMILIES if f.name.startswith("falcon")], ids=lambda f: f.name)
-def test_falcon_registry_matches_split_heads(fam):
-    """``FalconAttention._split_heads`` on a vector of row numbers tells which fused rows feed each head."""
-    base = fam.build()
-    attn = base.transformer.h[0].self_attention
-    _, dims = layouts.layout_for_config(base.config)
+def heads_moved_by(model, layout, dims, path, rows, tokens):
+    """Which query heads' attention outputs change when ``rows`` (output features) of layer 0's ``path`` move.
+
+    The oracle is the forward pass itself: a forward pre-hook reads the output projection's input, where head
+    ``h`` occupies the columns the registry gives its ``o`` role, so a wrong row or column map shows up as the
+    wrong heads moving (or none)."""
+    o_path = next(p.path for p in layout.projections if p.role == "o")
+    modules = dict(model.named_modules())
+    layer0 = next(n[: -len(o_path) - 1] for n in modules if n.endswith(f"{layout.layers}.0.{o_path}"))
+    seen = []
+    hook = modules[f"{layer0}.{o_path}"].register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
+    try:
+        with torch.no_grad():
+            model(tokens)
+            module = modules[f"{layer0}.{path}"]
+            weight = module.weight.T if isinstance(module, transformers.pytorch_utils.Conv1D) else module.weight
+            saved = weight[rows].clone()
+            weight[rows] += torch.randn(saved.shape, generator=torch.Generator().manual_seed(0), dtype=saved.dtype)
+            model(tokens)
+            weight[rows] = saved
+    finally:
+        hook.remove()
+    before, after = seen
+    moved = set()
+    for h in range(dims.num_heads):
+        _, cols = layouts.head_parts("o", dims, h)["o"]
+        if (after[..., cols] - before[..., cols]).abs().max() > 1e-4 * before.abs().max():  # float32 (MoE kernels take no float64)
+            moved.add(h)
+    return moved
+
+
+@pytest.mark.parametrize("fam", FAMILIES, ids=IDS)
+def test_registry_matches_the_forward_pass(fam):
+    """For every head and every q/k/v piece the registry assigns to it, moving exactly those rows moves the
+    attention output of that head (q) or of every head in its KV group (k, v), and of no other head."""
+    model = fam.build()
+    layout, dims = layouts.layout_for_config(model.config)
     assert (dims.num_heads, dims.num_kv_heads, dims.head_dim) == (fam.n, fam.g, fam.d)
-    rows = torch.arange(attn.query_key_value.out_features, dtype=torch.float64).view(1, 1, -1)
-    query, key, value = attn._split_heads(rows)
-    for h in range(fam.n):
-        parts = layouts.head_parts("qkv_grouped", dims, h)
-        kv = h if key.shape[2] == fam.n else h // (fam.n // key.shape[2])
-        assert parts["q"] == ("out", query[0, 0, h].long().tolist())
-        assert parts["k"] == ("out", key[0, 0, kv].long().tolist())
-        assert parts["v"] == ("out", value[0, 0, kv].long().tolist())
+    tokens = torch.arange(1, 7).view(1, -1)
+    for projection in (p for p in layout.projections if p.role != "o"):
+        for h in range(dims.num_heads):
+            group = {j for j in range(dims.num_heads) if dims.kv_group(j) == dims.kv_group(h)}
+            for part, (axis, rows) in layouts.head_parts(projection.role, dims, h).items():
+                assert axis == "out"
+                expected = {h} if part == "q" else group
+                assert heads_moved_by(model, layout, dims, projection.path, rows, tokens) == expected, (
+                    f"{fam.name}: {projection.path} rows the registry gives head {h}'s {part}")
 
 
 # ----------------------------------------------------------------------------- localization on every family
