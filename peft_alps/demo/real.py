@@ -43,8 +43,9 @@ REPRODUCTION_VERDICT = (
     "(benchmarks/results/reproduce_converged_smollm2.md). Heads-only reading (this adapter): "
     "instruct: EM worse (-7.8 [-13.1, -2.6] points, p 1.000), answer loss not distinguishable at this power (+0.070 [-0.032, +0.172]); code: EM not distinguishable at this power (+0.7 [-5.7, +6.9] points, p 0.310), answer loss not distinguishable at this power (+0.007 [-0.032, +0.048])"
     ". The paper's reading (every weight but the non-selected heads' q/k/v trains): "
-    "instruct: EM better (+11.8 [+6.1, +17.6] points, p < 0.001), answer loss better (-0.162 [-0.258, -0.066])"
-    " (at a higher tuned lr, and with more forgetting); its code task has not finished."
+    "instruct: EM better (+11.8 [+6.1, +17.6] points, p < 0.001), answer loss better (-0.162 [-0.258, -0.066]); "
+    "code: EM not distinguishable at this power (-1.2 [-5.1, +2.8] points, p 0.831), answer loss not distinguishable "
+    "at this power (+0.019 [-0.015, +0.053]) (ALPS at a 3x higher tuned lr, with more forgetting on both)."
 )
 
 
