@@ -836,6 +836,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.setup = Setup(**values)
     args.stem = args.stem or ("reproduce_converged_quick" if args.quick else "reproduce_converged_smollm2")
     args.previous = R.resume_json(p, args, may_differ=("bf16",))
+    started = tables_with_runs(args.previous, args.cut_other_rows) if args.previous is not None else []
+    if started:
+        p.error(f"--cut-other-rows {started[0]}: the other rows already have runs on {started[0]!r}; a table is cut "
+                "before it runs, not after (drop the flag to finish it)")
     if args.setup.bf16 and not args.setup.tiny and not args.render:
         speedup = C.bf16_matmul_speedup(args.device)
         if speedup < 1.0:
@@ -851,13 +855,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def tables_with_runs(result: dict[str, Any], tasks: list[str]) -> list[str]:
+    """Those of ``tasks`` whose other-rows table already has a run: too late to cut (a cut is decided before a
+    table's results, not after)."""
+    return [t for t in tasks if any(runs_of(result, t, m) for m in OTHERS)]
+
+
 def cut_other_rows(result: dict[str, Any], tasks: list[str], env: dict[str, Any]) -> None:
-    """Record the cut of the other rows' tables on ``tasks`` (added to any earlier cut); refused once one of those
-    tables has a run, since a cut is decided before a table's results, not after."""
-    started = [t for t in tasks for m in OTHERS if runs_of(result, t, m)]
-    if started:
-        raise SystemExit(f"--cut-other-rows {started[0]}: the other rows already have runs on {started[0]!r}; a "
-                         "table is cut before it runs, not after (drop the flag to finish it)")
+    """Record the cut of the other rows' tables on ``tasks`` (added to any earlier cut). ``parse_args`` has refused
+    a table that already has runs (:func:`tables_with_runs`)."""
+    if tables_with_runs(result, tasks):
+        raise ValueError(f"the other rows already have runs on {tables_with_runs(result, tasks)}; too late to cut")
     previous = cut_tasks(result)
     result["cut_other_rows"] = {"tasks": sorted({*previous, *tasks}), "segment": len(result.get("resumed", [])),
                                 "utc": env["utc"], "command": env["command"]}

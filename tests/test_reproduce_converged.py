@@ -234,10 +234,24 @@ def test_cutting_an_other_rows_table_is_recorded_and_refused_once_it_has_runs(tm
     RC.cut_other_rows(result, ["code"], env)
     assert result["cut_other_rows"] == {"tasks": ["code"], "segment": 2, "utc": env["utc"], "command": env["command"]}
     assert RC.status_of(result).startswith("complete; the other rows' `code` table cut for the compute budget")
-    with pytest.raises(SystemExit, match="already have runs on 'instruct'"):
+    with pytest.raises(ValueError, match=r"already have runs on \['instruct'\]"):
         RC.cut_other_rows(result, ["instruct"], env)
     with pytest.raises(SystemExit):  # not a task of the design
         RC.parse_args(["--quick", "--tasks", "instruct", "--cut-other-rows", "code", "--out", str(tmp_path)])
+
+
+def test_cutting_a_table_that_has_runs_is_refused_when_the_flags_are_read(tmp_path, capsys):
+    from benchmarks import reproduce_converged as RC
+    from benchmarks import reproduce_real as R
+
+    stored = tmp_path / "rc.json"
+    runs = {"instruct": {"runs": {"p_full": [{"seed": 0}]}}, "code": {"runs": {"p_alps": [{"seed": 0}]}}}
+    stored.write_text(json.dumps({"setup": R.setup_record(RC.Setup(bf16=False)), "tasks": runs}))
+    with pytest.raises(SystemExit):  # before any model is loaded
+        RC.parse_args(["--resume", str(stored), "--fp32", "--cut-other-rows", "instruct"])
+    assert "--cut-other-rows instruct: the other rows already have runs on 'instruct'" in capsys.readouterr().err
+    args = RC.parse_args(["--resume", str(stored), "--fp32", "--cut-other-rows", "code"])  # central runs only: cuttable
+    assert args.cut_other_rows == ["code"]
 
 
 def test_the_committed_report_re_renders_byte_identically_from_its_json():
