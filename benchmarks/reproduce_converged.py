@@ -864,8 +864,9 @@ def tables_with_runs(result: dict[str, Any], tasks: list[str]) -> list[str]:
 def cut_other_rows(result: dict[str, Any], tasks: list[str], env: dict[str, Any]) -> None:
     """Record the cut of the other rows' tables on ``tasks`` (added to any earlier cut). ``parse_args`` has refused
     a table that already has runs (:func:`tables_with_runs`)."""
-    if tables_with_runs(result, tasks):
-        raise ValueError(f"the other rows already have runs on {tables_with_runs(result, tasks)}; too late to cut")
+    started = tables_with_runs(result, tasks)
+    if started:
+        raise ValueError(f"the other rows already have runs on {started}; too late to cut")
     previous = cut_tasks(result)
     result["cut_other_rows"] = {"tasks": sorted({*previous, *tasks}), "segment": len(result.get("resumed", [])),
                                 "utc": env["utc"], "command": env["command"]}
