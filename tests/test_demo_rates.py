@@ -56,3 +56,9 @@ def test_the_demo_trains_at_the_committed_tuned_rates_and_cites_the_committed_ve
     assert verdict is not None and verdict in real.REPRODUCTION_VERDICT
     paper = RC.verdict_summary(committed, "paper")  # the paper's reading, as far as it has run
     assert paper is None or paper in real.REPRODUCTION_VERDICT
+
+    def instruct_em(method):  # the rows the line's last clause quotes, as committed
+        runs = RC.runs_of(committed, "instruct", method)
+        return f"{100 * sum(r['test']['accuracy'] for r in runs) / len(runs):.1f}%"
+
+    assert f"{instruct_em('p_wo_attn')} EM against its {instruct_em('p_alps')}" in real.REPRODUCTION_VERDICT
